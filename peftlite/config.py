@@ -30,17 +30,24 @@ def check_adapter_name(name: object) -> str:
     return name
 
 
-def _check_regex(field_name: str, pattern: object) -> None:
+def _check_regex(field_name: str, pattern: object, as_suffix: bool = False) -> None:
     if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"{field_name} key {pattern!r} is invalid: expected a non-empty regex string")
+        raise ValueError(f"{field_name} regex {pattern!r} is invalid: expected a non-empty regex string")
     try:
-        re.compile(pattern)
+        # Compile the form it is used in (`_pattern_value` wraps pattern keys), so inline flags
+        # such as "(?i)" inside a wrapped key fail here, not halfway through applying a config.
+        re.compile(_suffix_regex(pattern) if as_suffix else pattern)
     except re.error as err:
-        raise ValueError(f"{field_name} key {pattern!r} is not a valid regex: {err}") from None
+        raise ValueError(f"{field_name} regex {pattern!r} is not a valid regex: {err}") from None
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_targets(field_name: str, value: object) -> None:
@@ -94,9 +101,9 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
+            self.target_modules = sorted(self.target_modules, key=repr)
         if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
+            self.exclude_modules = sorted(self.exclude_modules, key=repr)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
         self._validate()
@@ -128,7 +135,7 @@ class LoraConfig:
                 )
             self.enable_lora = list(self.enable_lora)
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
                     isinstance(m, str) and m for m in self.modules_to_save):
                 raise ValueError(
                     f"modules_to_save={self.modules_to_save!r} is invalid: expected a list of module names"
@@ -140,7 +147,7 @@ class LoraConfig:
             if not isinstance(pattern, dict):
                 raise ValueError(f"{name}={pattern!r} is invalid: expected a dict of regex -> value")
             for key, value in pattern.items():
-                _check_regex(name, key)
+                _check_regex(name, key, as_suffix=True)
                 if not check(value):
                     expected = "an integer >= 1" if name == "rank_pattern" else "a number > 0"
                     raise ValueError(f"{name}[{key!r}]={value!r} is invalid: expected {expected}")
@@ -207,8 +214,13 @@ class LoraConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def _suffix_regex(key: str) -> str:
+    """A rank/alpha pattern matches a whole path or a dotted suffix of it."""
+    return rf"(?:.*\.)?(?:{key})"
+
+
 def _pattern_value(patterns: dict, module_path: str, default):
     for key, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_path):
+        if re.fullmatch(_suffix_regex(key), module_path):
             return value
     return default
