@@ -18,6 +18,7 @@ from typing import Any
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 BIAS_MODES = ("none", "all", "lora_only")
 CONFIG_NAME = "adapter_config.json"
+BASE_NAME = "__base__"  # in a mixed batch's adapter_names: this sample runs the base model
 
 
 def check_adapter_name(name: object) -> str:
@@ -27,6 +28,8 @@ def check_adapter_name(name: object) -> str:
             f"adapter name {name!r} is invalid: expected a non-empty string of letters, "
             "digits, '_' or '-'"
         )
+    if name == BASE_NAME:
+        raise ValueError(f"adapter name {name!r} is reserved: in adapter_names it means 'no adapter'")
     return name
 
 

@@ -86,8 +86,8 @@ class LoraModel(nn.Module):
                 yield path, module
 
     def check_adapter(self, adapter_name: str) -> None:
-        """KeyError for a name that is not loaded."""
-        if adapter_name not in self.peft_config:
+        """KeyError for a name that is not loaded (including a non-string, which never is)."""
+        if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
             raise KeyError(f"unknown adapter {adapter_name!r}: loaded adapters are {sorted(self.peft_config)}")
 
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
@@ -229,8 +229,12 @@ class LoraModel(nn.Module):
             return [self.active_adapter]
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
+        if not isinstance(adapter_names, (list, tuple)):
+            raise ValueError(f"adapter_names={adapter_names!r} is invalid: expected a list of adapter names")
         for name in adapter_names:
             self.check_adapter(name)
+        if len(set(adapter_names)) != len(adapter_names):
+            raise ValueError(f"adapter_names={adapter_names!r} names an adapter twice: expected each at most once")
         return list(adapter_names)
 
     # ---- files and the Hub (files.py) ----------------------------------------
