@@ -99,8 +99,18 @@ class LoraModel(nn.Module):
             raise ValueError(f"config {config!r} is invalid: expected a LoraConfig")
         model, state = self.base_model, self.adapter_state
         # Plan every change first: building a wrapper or reading a shape can raise, mutating cannot.
+        saved = find_modules_to_save(model, effective_modules_to_save(model, config))
+        for path in saved:
+            if any(isinstance(m, LoraLayer) for m in model.get_submodule(path).modules()):
+                raise ValueError(f"modules_to_save entry {path!r} already has LoRA layers: expected a module "
+                                 "without LoRA (delete the adapters on it first)")
+        # As in PEFT, a module trained in full (modules_to_save) takes no LoRA of its own.
+        targets = [p for p in find_targets(model, config) if not any(p == s or p.startswith(s + ".") for s in saved)]
+        if not targets:
+            raise ValueError(f"target_modules={config.target_modules!r} selects only modules in modules_to_save "
+                             f"{saved!r}: expected at least one other module")
         layers = []
-        for path in find_targets(model, config):
+        for path in targets:
             module = model.get_submodule(path)
             if isinstance(module, LoraLayer):
                 _check_same_kind(path, module, config)
@@ -109,7 +119,6 @@ class LoraModel(nn.Module):
                 layer = make_lora_layer(module, state, config.fan_in_fan_out, config.enable_lora)
             layer.adapter_shapes(config.rank_for(path))
             layers.append((path, module, layer))
-        saved = find_modules_to_save(model, effective_modules_to_save(model, config))
 
         if not self.peft_config:
             model.requires_grad_(False)
