@@ -233,11 +233,15 @@ def test_merged_linear_matches_loralib(fan_in_fan_out, enable_lora):
     x = torch.randn(2, 5, d_in)
     expected = ref(x)  # loralib's unmerged forward
     torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=1e-5)
-    if not fan_in_fan_out:  # loralib's own merge is reliable here; compare weights directly
-        torch.testing.assert_close(layer.delta_weight(record), ref.merge_AB() * ref.scaling)
-    # Our merge against our unmerged output (loralib merges fan_in_fan_out layers wrongly).
+    # ΔW in the base weight's own layout ((in, out) for fan_in_fan_out), as loralib's merge_AB gives it.
+    torch.testing.assert_close(layer.delta_weight(record), ref.merge_AB() * ref.scaling)
+    # Our merge against our unmerged output, and the merged weight against loralib's merged weight.
     layer.merge("a")
     torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=1e-5)
+    ref.merge_weights = True
+    ref.eval()
+    assert ref.merged
+    torch.testing.assert_close(base.weight, ref.weight, atol=1e-6, rtol=0)
 
 
 def test_merged_linear_disabled_slices_get_exactly_zero_update():
