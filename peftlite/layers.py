@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from . import batching
 from . import functional as LF
 
 
@@ -93,6 +94,9 @@ class LoraLayer(nn.Module):
         return self.adapters[state.active] if state.active in self.adapters else None
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        routing = batching.active_routing(self.state)
+        if routing is not None:  # a mixed-adapter batch: each sample its own adapter
+            return batching.mixed_lora_forward(self, routing, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         adapter = self.active_adapter()
         if adapter is None:
@@ -269,6 +273,9 @@ class ModulesToSave(nn.Module):
         return self.original_module
 
     def forward(self, *args, **kwargs):
+        routing = batching.active_routing(self.state)
+        if routing is not None:  # a mixed-adapter batch: each sample its own copy
+            return batching.mixed_saved_forward(self, routing, *args, **kwargs)
         return self.active_module()(*args, **kwargs)
 
 

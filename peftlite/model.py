@@ -63,15 +63,15 @@ class LoraModel(nn.Module):
         """Run the base model; `adapter_names` (one per sample, "__base__" = none) mixes adapters in a batch."""
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
-        from .batching import mixed_adapters
-        with mixed_adapters(self, adapter_names):
+        from .batching import batch_size_of, mixed_adapters
+        with mixed_adapters(self, adapter_names, batch_size_of(args, kwargs)):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
-        from .batching import mixed_adapters
-        with mixed_adapters(self, adapter_names):
+        from .batching import batch_size_of, mixed_adapters
+        with mixed_adapters(self, adapter_names, batch_size_of(args, kwargs)):
             return self.base_model.generate(*args, **kwargs)
 
     # ---- the adapter set -----------------------------------------------------

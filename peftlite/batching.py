@@ -1,0 +1,182 @@
+"""Mixed-adapter batches: one forward in which each sample runs with its own adapter.
+
+`LoraModel.forward(..., adapter_names=[...])` enters `mixed_adapters(model,
+names)`; inside it every LoRA layer of that model sees a `Routing` and runs
+`mixed_lora_forward` / `mixed_saved_forward` instead of its single-adapter path.
+
+Why a ContextVar: the routing belongs to one call, not to the model. A context
+variable is per thread (and per asyncio task), so several threads can run the
+same model at once with different `adapter_names` and never see each other's
+routing; nothing global is mutated. The variable maps a model's `AdapterState`
+to its routing, so another model called inside the same forward is unaffected.
+
+Why groups: the batch is split once per call (not per layer) into runs of rows
+that share an adapter. A run of consecutive samples is a slice, so the rows
+are a view and the low-rank term is added in place; scattered samples use
+`index_select` / `index_add_`. Each layer then costs one low-rank product per
+adapter present, the same FLOPs as a single-adapter batch.
+
+Rows: a layer's input has the batch on dim 0, either B rows (one per sample) or
+m·B rows where each sample's rows are adjacent — generate's expansion for
+num_beams / num_return_sequences (`repeat_interleave`) and tokens flattened to
+(B·T, d) both look like this — so sample b owns rows b·m … b·m + m − 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import BASE_NAME
+
+if TYPE_CHECKING:  # layers.py imports this module; these names are for annotations only
+    from .layers import AdapterState, LoraLayer, ModulesToSave
+    from .model import LoraModel
+
+Rows = Union[slice, Tensor]  # a run of consecutive rows, or the row indices of scattered samples
+
+
+class Routing:
+    """Which adapter each sample of one call uses, and the row groups derived from it.
+
+    names: one adapter name per sample (`"__base__"`: none). Groups are computed
+    lazily per (row count, device) and cached, so generate's many forward steps
+    and a model's many layers all reuse one grouping.
+    """
+
+    def __init__(self, state: "AdapterState", names: Sequence[str]) -> None:
+        self.state = state
+        self.names = tuple(names)
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, Rows]]] = {}
+
+    def groups(self, rows: int, device: torch.device) -> list[tuple[str, Rows]]:
+        """[(adapter name, rows)] covering all `rows` rows of a layer input, each name once."""
+        key = (rows, device)
+        if key not in self._groups:
+            self._groups[key] = _group_rows(self.names, rows, device)
+        return self._groups[key]
+
+
+def _group_rows(names: tuple[str, ...], rows: int, device: torch.device) -> list[tuple[str, Rows]]:
+    batch = len(names)
+    if rows % batch:
+        raise ValueError(
+            f"a layer input has {rows} rows on dim 0 but adapter_names has {batch} entries: "
+            "expected the batch (or a multiple of it, each sample's rows adjacent) on dim 0"
+        )
+    per_sample = rows // batch
+    members: dict[str, list[int]] = {}
+    for sample, name in enumerate(names):
+        members.setdefault(name, []).append(sample)
+    groups: list[tuple[str, Rows]] = []
+    for name, samples in members.items():
+        if samples[-1] - samples[0] + 1 == len(samples):  # consecutive samples: a slice, a view
+            groups.append((name, slice(samples[0] * per_sample, (samples[-1] + 1) * per_sample)))
+        else:
+            index = torch.tensor(samples, device=device)
+            if per_sample > 1:
+                index = (index[:, None] * per_sample + torch.arange(per_sample, device=device)).flatten()
+            groups.append((name, index))
+    return groups
+
+
+# One variable for every model: {AdapterState: Routing}. Values are never mutated, only replaced.
+_ROUTING: contextvars.ContextVar[dict] = contextvars.ContextVar("peftlite_routing", default={})
+
+
+def active_routing(state: "AdapterState") -> Routing | None:
+    """The routing of the call running in this thread for the model that owns `state`, if any."""
+    return _ROUTING.get().get(state)
+
+
+def check_adapter_names(lora_model: "LoraModel", adapter_names: Any) -> list[str]:
+    """Validate a mixed batch request before anything runs; returns the names as a list."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise ValueError(f"adapter_names={adapter_names!r} is invalid: expected a list of adapter names, one per sample")
+    if not adapter_names:
+        raise ValueError("adapter_names is empty: expected one adapter name per sample")
+    for name in adapter_names:
+        if not isinstance(name, str):
+            raise ValueError(f"adapter_names entry {name!r} is invalid: expected a string")
+        if name != BASE_NAME and name not in lora_model.peft_config:
+            raise KeyError(
+                f"unknown adapter {name!r} in adapter_names: loaded adapters are "
+                f"{sorted(lora_model.peft_config)} (or {BASE_NAME!r} for none)"
+            )
+    if lora_model.training or lora_model.base_model.training:
+        raise ValueError("adapter_names cannot be used in training mode: call model.eval() first")
+    if lora_model.adapter_state.merged_count:
+        raise ValueError("adapter_names cannot be used while adapters are merged: call unmerge_adapter() first")
+    return list(adapter_names)
+
+
+def batch_size_of(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a model call: dim 0 of the first tensor input, or None if there is none."""
+    for key in ("input_ids", "inputs_embeds", "pixel_values"):
+        if isinstance(kwargs.get(key), Tensor):
+            return kwargs[key].shape[0]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+@contextlib.contextmanager
+def mixed_adapters(lora_model: "LoraModel", adapter_names: Sequence[str],
+                   batch_size: int | None = None) -> Iterator[Routing]:
+    """Inside the block, this thread's calls of `lora_model` run sample i with adapter_names[i].
+
+    Raises (before anything runs): ValueError for a non-list, a wrong length, training
+    mode or merged weights; KeyError for an adapter name that is not loaded.
+    """
+    names = check_adapter_names(lora_model, adapter_names)
+    if batch_size is not None and batch_size != len(names):
+        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} samples: "
+                         "expected one adapter name per sample")
+    routing = Routing(lora_model.adapter_state, names)
+    token = _ROUTING.set({**_ROUTING.get(), routing.state: routing})
+    try:
+        yield routing
+    finally:
+        _ROUTING.reset(token)
+
+
+def mixed_lora_forward(layer: "LoraLayer", routing: Routing, x: Tensor, *args, **kwargs) -> Tensor:
+    """Base output for every row, plus each group's own low-rank term on its rows.
+
+    x: (N, ...) with N = B or m·B (see the module docstring); result (N, ..., out).
+    Groups whose adapter is "__base__" or not on this layer add nothing.
+    """
+    result = layer.base_layer(x, *args, **kwargs)
+    if layer.state.disabled:
+        return result
+    for name, rows in routing.groups(x.shape[0], x.device):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        if isinstance(rows, slice):
+            result[rows] += layer.lora_delta(x[rows], adapter).to(result.dtype)
+        else:
+            delta = layer.lora_delta(x.index_select(0, rows), adapter).to(result.dtype)
+            result.index_add_(0, rows, delta)
+    return result
+
+
+def mixed_saved_forward(module: "ModulesToSave", routing: Routing, x: Tensor, *args, **kwargs) -> Tensor:
+    """Each group's rows through its adapter's copy (the original for "__base__"), stitched back in order.
+
+    x: (N, ...) split on dim 0 like a LoRA layer's input; other arguments are passed unchanged.
+    """
+    out: Tensor | None = None
+    for name, rows in routing.groups(x.shape[0], x.device):
+        use_copy = not module.state.disabled and name in module.modules_to_save
+        part_module: nn.Module = module.modules_to_save[name] if use_copy else module.original_module
+        part = part_module(x[rows] if isinstance(rows, slice) else x.index_select(0, rows), *args, **kwargs)
+        if out is None:
+            out = part.new_empty((x.shape[0], *part.shape[1:]))
+        out[rows] = part
+    return out
