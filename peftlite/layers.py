@@ -74,13 +74,18 @@ class LoraLayer(nn.Module):
         return self.base_layer.bias
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float,
-                    init: bool | str, merge_weights: bool) -> None:
-        """Create the record for adapter `name` with parameters on the base weight's device and dtype."""
+                    init: bool | str | None, merge_weights: bool) -> None:
+        """Create the record for adapter `name` with parameters on the base weight's device and dtype.
+
+        init=None leaves A and B uninitialised: for loading, where the caller
+        overwrites both right away and a random init would be wasted work.
+        """
         weight = self.base_layer.weight
         shape_A, shape_B = self.adapter_shapes(r)
         lora_A = torch.empty(shape_A, device=weight.device, dtype=weight.dtype)
         lora_B = torch.empty(shape_B, device=weight.device, dtype=weight.dtype)
-        self.init_pair(lora_A, lora_B, init)
+        if init is not None:
+            self.init_pair(lora_A, lora_B, init)
         self.adapters[name] = LoraAdapter(lora_A, lora_B, r, scaling, dropout, merge_weights)
 
     def init_pair(self, lora_A: Tensor, lora_B: Tensor, init: bool | str) -> None:
