@@ -38,13 +38,15 @@ def effective_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]
 class LoraModel(nn.Module):
     """A model with LoRA adapters. Anything it does not define is forwarded to `base_model`."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig | None, adapter_name: str = "default") -> None:
+        """Wrap `model` with adapter `adapter_name` made from `config` (config=None: no adapter yet, for loading)."""
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.adapter_state = AdapterState()
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -90,14 +92,20 @@ class LoraModel(nn.Module):
         if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
             raise KeyError(f"unknown adapter {adapter_name!r}: loaded adapters are {sorted(self.peft_config)}")
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Add adapter `adapter_name` on the modules `config` selects (it is not made active)."""
+    def check_new_adapter(self, adapter_name: str, config: LoraConfig | None = None) -> None:
+        """ValueError unless `adapter_name` is a valid, unused name (and `config` a LoraConfig)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists: delete it first or choose another name")
-        if not isinstance(config, LoraConfig):
+        if config is not None and not isinstance(config, LoraConfig):
             raise ValueError(f"config {config!r} is invalid: expected a LoraConfig")
-        model, state = self.base_model, self.adapter_state
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Add adapter `adapter_name` on the modules `config` selects (it is not made active)."""
+        self.check_new_adapter(adapter_name, config)
+        if config is None:
+            raise ValueError("config None is invalid: expected a LoraConfig")
+        model = self.base_model
         # Plan every change first: building a wrapper or reading a shape can raise, mutating cannot.
         saved = find_modules_to_save(model, effective_modules_to_save(model, config))
         for path in saved:
@@ -109,24 +117,38 @@ class LoraModel(nn.Module):
         if not targets:
             raise ValueError(f"target_modules={config.target_modules!r} selects only modules in modules_to_save "
                              f"{saved!r}: expected at least one other module")
+        layers = self.plan_layers(config, [(path, model.get_submodule(path)) for path in targets])
+        self.install_adapter(adapter_name, config, layers, saved, config.init_lora_weights)
+
+    def plan_layers(self, config: LoraConfig, modules: list[tuple[str, nn.Module]]
+                    ) -> list[tuple[str, nn.Module, LoraLayer]]:
+        """(path, current module, LoRA layer to hold the adapter) per target; raises, changes nothing."""
         layers = []
-        for path in targets:
-            module = model.get_submodule(path)
+        for path, module in modules:
             if isinstance(module, LoraLayer):
                 _check_same_kind(path, module, config)
                 layer = module
             else:
-                layer = make_lora_layer(module, state, config.fan_in_fan_out, config.enable_lora)
+                layer = make_lora_layer(module, self.adapter_state, config.fan_in_fan_out, config.enable_lora)
             layer.adapter_shapes(config.rank_for(path))
             layers.append((path, module, layer))
+        return layers
 
+    def install_adapter(self, adapter_name: str, config: LoraConfig,
+                        layers: list[tuple[str, nn.Module, LoraLayer]], saved: list[str],
+                        init: bool | str | None) -> None:
+        """Apply a plan from `plan_layers`: the mutating half of add_adapter, which cannot fail.
+
+        init=None leaves the new A/B uninitialised for a loader that fills them.
+        """
+        model, state = self.base_model, self.adapter_state
         if not self.peft_config:
             model.requires_grad_(False)
         for path, module, layer in layers:
             if layer is not module:
                 _replace(model, path, layer)
             layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
-                              config.lora_dropout, config.init_lora_weights, config.merge_weights)
+                              config.lora_dropout, init, config.merge_weights)
             layer.adapters[adapter_name].requires_grad_(not config.inference_mode)
             if config.bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(not config.inference_mode)
@@ -246,8 +268,9 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter_names={adapter_names!r} names an adapter twice: expected each at most once")
         return list(adapter_names)
 
-    # ---- files and the Hub (files.py) ----------------------------------------
+    # ---- files and the Hub (files.py, hub.py) --------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **kwargs) -> None:
+        """Write adapters in PEFT's format: "default" at the root, any other in a subfolder of its name."""
         from .files import save_adapters
         save_adapters(self, save_directory, selected_adapters, **kwargs)
 
@@ -256,33 +279,35 @@ class LoraModel(nn.Module):
                         is_trainable: bool = False, revision: str | None = None, subfolder: str | None = None,
                         token: str | None = None, cache_dir: str | None = None,
                         local_files_only: bool = False) -> "LoraModel":
-        from .files import read_adapter
-        config, weights = read_adapter(model_id_or_path, revision=revision, subfolder=subfolder, token=token,
-                                       cache_dir=cache_dir, local_files_only=local_files_only)
-        config = _for_loading(config, is_trainable)
-        lora_model = cls(model, config, adapter_name)
-        try:
-            from .files import install_weights
-            install_weights(lora_model, adapter_name, weights)
-        except Exception:
-            lora_model.unload()
-            raise
+        """Wrap `model` with an adapter read from a directory or a Hub repo, and make it active.
+
+        A failed load raises before any module of `model` changes.
+        """
+        lora_model = cls(model, None)
+        lora_model.load_adapter(model_id_or_path, adapter_name, is_trainable, revision=revision,
+                                subfolder=subfolder, token=token, cache_dir=cache_dir,
+                                local_files_only=local_files_only)
+        lora_model.set_adapter(adapter_name)
         return lora_model
 
     def load_adapter(self, model_id_or_path: str, adapter_name: str, is_trainable: bool = False,
                      **hub_kwargs: Any) -> None:
-        """Read an adapter and add it under `adapter_name`; on any error the model is left as it was."""
-        from .files import install_weights, read_adapter
-        check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists: delete it first or choose another name")
-        config, weights = read_adapter(model_id_or_path, **hub_kwargs)
-        self.add_adapter(adapter_name, _for_loading(config, is_trainable))
-        try:
-            install_weights(self, adapter_name, weights)
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
+        """Read an adapter (PEFT's format) and add it under `adapter_name`, not active.
+
+        Everything is validated before the first module changes, so on any error
+        the model is left exactly as it was.
+        """
+        from .files import load_adapter
+        load_adapter(self, model_id_or_path, adapter_name, is_trainable, **hub_kwargs)
+
+    def hotswap_adapter(self, model_id_or_path: str, adapter_name: str, **hub_kwargs: Any) -> None:
+        """Load new weights into the existing adapter `adapter_name` in place (same modules and ranks).
+
+        Parameters are copied into, never replaced, so compiled or captured
+        models keep working; on any error nothing changes.
+        """
+        from .files import hotswap_adapter
+        hotswap_adapter(self, model_id_or_path, adapter_name, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, adapter_name: str | None = None, private: bool | None = None,
                     token: str | None = None, commit_message: str | None = None, revision: str | None = None):
@@ -319,12 +344,6 @@ def _check_same_kind(path: str, layer: LoraLayer, config: LoraConfig) -> None:
             f"module {path!r} already has LoRA with enable_lora={existing!r}; "
             f"a new adapter must use the same, got {config.enable_lora!r}"
         )
-
-
-def _for_loading(config: LoraConfig, is_trainable: bool) -> LoraConfig:
-    """A loaded adapter trains only if asked."""
-    import dataclasses
-    return dataclasses.replace(config, inference_mode=not is_trainable)
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
