@@ -78,7 +78,7 @@ def token_batch(batch: int = 2, length: int = 8, vocab: int = 128, seed: int = 0
 
 
 def copy_lora_to_peft(lite_model, peft_model, adapter_name: str = "default") -> None:
-    """Give a peft model the same LoRA weights as a peftlite model (same module paths)."""
+    """Give a peft model the same LoRA weights (and modules_to_save copies) as a peftlite model (same module paths)."""
     for path, layer in lite_model.lora_layers():
         record = layer.adapters[adapter_name]
         peft_layer = peft_model.base_model.model.get_submodule(path)
@@ -88,3 +88,40 @@ def copy_lora_to_peft(lite_model, peft_model, adapter_name: str = "default") -> 
         else:
             peft_layer.lora_A[adapter_name].weight.data.copy_(record.lora_A)
             peft_layer.lora_B[adapter_name].weight.data.copy_(record.lora_B)
+    for path, module in lite_model.saved_modules():
+        if adapter_name in module.modules_to_save:
+            peft_wrapper = peft_model.base_model.model.get_submodule(path)
+            peft_wrapper.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[adapter_name].state_dict())
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """Everything a failed call must leave as it was: module types by path, every parameter and buffer
+    (values, requires_grad), and for a LoraModel its configs, active adapter and merge state.
+
+    Compare two fingerprints with `assert_same_fingerprint` (bit-exact, not approximate).
+    """
+    lora_state = {}
+    if hasattr(model, "adapter_state"):
+        state = model.adapter_state
+        lora_state = {"configs": dict(model.peft_config), "active": state.active, "disabled": state.disabled,
+                       "merged_count": state.merged_count,
+                       "merged": {path: list(layer.merged) for path, layer in model.lora_layers()}}
+    return {
+        "modules": [(path, type(module).__name__) for path, module in model.named_modules()],
+        "params": {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()},
+        "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
+        "state": lora_state,
+    }
+
+
+def assert_same_fingerprint(before: dict, after: dict) -> None:
+    assert after["modules"] == before["modules"]
+    assert after["state"] == before["state"]
+    for kind in ("params", "buffers"):
+        assert after[kind].keys() == before[kind].keys(), kind
+        for name, old in before[kind].items():
+            new = after[kind][name]
+            if kind == "params":
+                assert new[1] == old[1], f"requires_grad of {name} changed"
+                old, new = old[0], new[0]
+            assert torch.equal(new, old), f"{kind[:-1]} {name} changed"
