@@ -36,7 +36,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
-    "vit": ["query", "value"],
+    "vit": ["query", "value", "q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value to q_proj/v_proj
     "deberta-v2": ["query_proj", "value_proj"],
     "distilbert": ["q_lin", "v_lin"],
     "t5": ["q", "v"],
@@ -48,7 +48,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "swin": ["qkv"],
 }
 
-_LAYER_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")
+# Lazy: the first numbered segment is the layer (`layers.1.experts.0.w1` is layer 1), as PEFT reads it.
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 
 
 def matches(path: str, selector: list[str] | str) -> bool:

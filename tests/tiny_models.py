@@ -80,6 +80,8 @@ def token_batch(batch: int = 2, length: int = 8, vocab: int = 128, seed: int = 0
 def copy_lora_to_peft(lite_model, peft_model, adapter_name: str = "default") -> None:
     """Give a peft model the same LoRA weights (and modules_to_save copies) as a peftlite model (same module paths)."""
     for path, layer in lite_model.lora_layers():
+        if adapter_name not in layer.adapters:  # an adapter may cover only some of the wrapped layers
+            continue
         record = layer.adapters[adapter_name]
         peft_layer = peft_model.base_model.model.get_submodule(path)
         if hasattr(peft_layer, "lora_embedding_A") and adapter_name in peft_layer.lora_embedding_A:
