@@ -1,0 +1,224 @@
+"""The one translation between peftlite's in-memory layout and PEFT's file keys.
+
+In memory an adapter lives in `layer.adapters[name].lora_A/lora_B` (one
+record per adapter), `ModulesToSave.modules_to_save[name]` and the base
+model's own biases. In a PEFT file the same tensors are named
+`base_model.model.<module path>.<suffix>` with no adapter name inside:
+
+| in memory                                   | file suffix (after `<path>.`)        |
+| ------------------------------------------- | ------------------------------------ |
+| Linear / Conv1D / Conv2d / MergedLinear A, B | `lora_A.weight`, `lora_B.weight`     |
+| Embedding A, B                              | `lora_embedding_A`, `lora_embedding_B` |
+| ModulesToSave copy, its state key `k`       | `k` (e.g. `classifier.weight`)       |
+| base bias (bias="all"/"lora_only")          | `bias`, or `base_layer.bias` on a LoRA layer |
+| base embedding weight (PEFT's save_embedding_layers) | `weight` / `base_layer.weight` |
+
+Keys are only ever *built* from a module path and a suffix in this table;
+a file is read by looking its keys up in an index built the same way, so no
+key is ever cut apart. The one layout that differs is MergedLinear: PEFT has
+no enable_lora, so a fused layer is written as the exactly equivalent plain
+LoRA of rank groups·r whose B (out, groups·r) is block-diagonal over the
+enabled slices and zero on the disabled ones (see `fused_to_file`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .config import LoraConfig
+from .layers import SUPPORTED_BASE_TYPES, LoraLayer, MergedLinear, ModulesToSave
+from .targets import matches
+
+PREFIX = "base_model.model."
+PAIR_SUFFIXES = ("lora_A.weight", "lora_B.weight")
+EMBEDDING_PAIR_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
+# PEFT saves the full weight of these (EMBEDDING_LAYER_NAMES) when an embedding is targeted or resized.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) like named_modules, but not into LoRA layers or ModulesToSave.
+
+    Their children are adapter records and copies, so stopping there keeps
+    every walk independent of how many adapters are loaded.
+    """
+    seen: set[int] = set()
+    stack = [("", root)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            continue
+        children = [(f"{path}.{name}" if path else name, child)
+                    for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
+
+
+def pair_suffixes(module: nn.Module) -> tuple[str, str]:
+    """PEFT's names for A and B on a LoRA layer, or on the layer a base module would become."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    return EMBEDDING_PAIR_SUFFIXES if isinstance(base, nn.Embedding) else PAIR_SUFFIXES
+
+
+def key(prefix: str, path: str, suffix: str) -> str:
+    return f"{prefix}{path}.{suffix}" if path else f"{prefix}{suffix}"
+
+
+# ---- MergedLinear <-> PEFT's plain LoRA ----------------------------------------------------------
+def fused_to_file(layer: MergedLinear, lora_B: Tensor) -> Tensor:
+    """Our B (groups·out_slice, r) as PEFT's B' (out, groups·r): block-diagonal on the enabled rows.
+
+    With A' = our A (groups·r, in), B' @ A' puts B_g @ A_g on slice g's rows and
+    zeros elsewhere, which is exactly MergedLinear's ΔW.
+    """
+    blocks = torch.block_diag(*lora_B.chunk(layer.groups, dim=0))  # (groups·out_slice, groups·r)
+    full = blocks.new_zeros(layer.out_features, blocks.shape[1])
+    return full.index_copy(0, layer.enabled_columns.to(full.device), blocks)
+
+
+def fused_from_file(layer: MergedLinear, file_B: Tensor, name: str) -> Tensor:
+    """Inverse of `fused_to_file`; ValueError if B' is not block-structured (e.g. trained further in PEFT)."""
+    r = file_B.shape[1] // layer.groups
+    rows = file_B.index_select(0, layer.enabled_columns.to(file_B.device))  # (groups·out_slice, groups·r)
+    slice_size = rows.shape[0] // layer.groups
+    lora_B = torch.cat([rows[g * slice_size:(g + 1) * slice_size, g * r:(g + 1) * r]
+                        for g in range(layer.groups)])
+    if not torch.equal(fused_to_file(layer, lora_B), file_B):
+        raise ValueError(
+            f"{name}: expected the block-diagonal B of a MergedLinear with enable_lora={layer.enable_lora} "
+            "(zeros off the enabled slices' blocks); this adapter cannot be loaded with enable_lora — "
+            "load it with a config without enable_lora"
+        )
+    return lora_B
+
+
+def file_shapes(layer: LoraLayer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of A and B as they appear in a PEFT file for rank r on this layer."""
+    shape_A, shape_B = layer.adapter_shapes(r)
+    if isinstance(layer, MergedLinear):
+        shape_B = (layer.out_features, layer.groups * r)
+    return tuple(shape_A), tuple(shape_B)
+
+
+# ---- saving --------------------------------------------------------------------------------------
+def adapter_tensors(lora_model, adapter_name: str) -> dict[str, Tensor]:
+    """Everything PEFT would save for `adapter_name`, under PEFT's keys (detached, contiguous)."""
+    config: LoraConfig = lora_model.peft_config[adapter_name]
+    out: dict[str, Tensor] = {}
+    for path, module in walk(lora_model.base_model):
+        if isinstance(module, LoraLayer):
+            if adapter_name not in module.adapters:
+                continue
+            record = module.adapters[adapter_name]
+            lora_B = fused_to_file(module, record.lora_B) if isinstance(module, MergedLinear) else record.lora_B
+            suffix_A, suffix_B = pair_suffixes(module)
+            out[key(PREFIX, path, suffix_A)] = record.lora_A
+            out[key(PREFIX, path, suffix_B)] = lora_B
+            if config.bias == "lora_only" and module.bias is not None:
+                out[key(PREFIX, path, "base_layer.bias")] = module.bias
+        elif isinstance(module, ModulesToSave):
+            if adapter_name in module.modules_to_save:
+                for name, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                    out[key(PREFIX, path, name)] = tensor
+    if config.bias == "all":
+        out.update({name: tensor for name, tensor in _base_tensors(lora_model.base_model, PREFIX)
+                    if "bias" in name and name not in out})
+    return {name: tensor.detach().contiguous() for name, tensor in out.items()}
+
+
+def _base_tensors(root: nn.Module, prefix: str) -> Iterator[tuple[str, Tensor]]:
+    """The base model's own parameters under their PEFT keys (LoRA layers: both `x` and `base_layer.x`)."""
+    for path, module in walk(root):
+        if isinstance(module, ModulesToSave):
+            continue
+        if isinstance(module, LoraLayer):
+            for name, param in module.base_layer.named_parameters():
+                yield key(prefix, path, "base_layer." + name), param
+        else:
+            for name, param in module._parameters.items():
+                if param is not None:
+                    yield key(prefix, path, name), param
+
+
+# ---- loading -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Slot:
+    """Where one file tensor goes.
+
+    kind "lora": factor `part` ("A"/"B") of the adapter on module `path`;
+    "saved": state key `part` of the modules_to_save copy at `path`;
+    "base": a base-model tensor (`target`) that PEFT files may carry (biases, embedding weights).
+    """
+
+    kind: str
+    path: str
+    part: str = ""
+    target: Tensor | None = None
+
+
+def saved_paths(root: nn.Module, config: LoraConfig) -> list[str]:
+    """Modules the config trains in full (modules_to_save, plus the SEQ_CLS head as PEFT adds it).
+
+    Names that match nothing are skipped, as PEFT does: its SEQ_CLS configs list
+    both "classifier" and "score" whichever the model has.
+    """
+    names = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        names += [h for h in SEQ_CLS_HEADS if h not in names]
+    if not names:
+        return []
+    found: list[str] = []
+    for path, _ in walk(root):
+        if path and matches(path, names) and not any(path.startswith(p + ".") for p in found):
+            found.append(path)
+    return found
+
+
+def build_index(root: nn.Module, config: LoraConfig, prefix: str = PREFIX) -> dict[str, Slot]:
+    """Every file key an adapter with `config` may hold for this model, mapped to its Slot.
+
+    Built with the same table as saving, in one walk over the base model
+    (not into adapter records, so its cost does not grow with loaded adapters).
+    """
+    saved = saved_paths(root, config)
+    index: dict[str, Slot] = {}
+    for name, tensor in _base_tensors(root, prefix):
+        if "bias" in name:
+            index[name] = Slot("base", "", target=tensor)
+    for path, module in walk(root):
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if path in saved:
+            original = module.original_module if isinstance(module, ModulesToSave) else module
+            for name, tensor in original.state_dict(keep_vars=True).items():
+                index[key(prefix, path, name)] = Slot("saved", path, name)
+                # PEFT with bias="all" also writes the wrapper's inner copies of the biases.
+                index[key(prefix, path, "modules_to_save." + name)] = Slot("saved", path, name)
+                if "bias" in name:
+                    index[key(prefix, path, "original_module." + name)] = Slot("base", "", target=tensor)
+            continue
+        if isinstance(module, ModulesToSave) or any(path.startswith(p + ".") for p in saved):
+            continue
+        if path and isinstance(base, SUPPORTED_BASE_TYPES):
+            suffix_A, suffix_B = pair_suffixes(module)
+            index[key(prefix, path, suffix_A)] = Slot("lora", path, "A")
+            index[key(prefix, path, suffix_B)] = Slot("lora", path, "B")
+            if isinstance(base, nn.Embedding) or path.split(".")[-1] in EMBEDDING_LAYER_NAMES:
+                index[key(prefix, path, "weight")] = Slot("base", "", target=base.weight)
+                index[key(prefix, path, "base_layer.weight")] = Slot("base", "", target=base.weight)
+            if getattr(base, "bias", None) is not None:
+                index[key(prefix, path, "base_layer.bias")] = Slot("base", "", target=base.bias)
+                index[key(prefix, path, "bias")] = Slot("base", "", target=base.bias)
+    return index
+
+
+def file_prefix(keys: list[str]) -> str:
+    """PEFT writes `base_model.model.`; transformers' own PEFT integration writes keys without it."""
+    return PREFIX if any(k.startswith(PREFIX) for k in keys) else ""
