@@ -127,3 +127,19 @@ def assert_same_fingerprint(before: dict, after: dict) -> None:
                 assert new[1] == old[1], f"requires_grad of {name} changed"
                 old, new = old[0], new[0]
             assert torch.equal(new, old), f"{kind[:-1]} {name} changed"
+
+
+def tiny_word_tokenizer(words: list[str]):
+    """A whitespace word-level fast tokenizer for the tiny models: [PAD]=0, [EOS]=1, [UNK]=2, then `words`.
+
+    Saved with `save_pretrained` next to a tiny model, `AutoTokenizer.from_pretrained` loads it offline.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[PAD]": 0, "[EOS]": 1, "[UNK]": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                   eos_token="[EOS]")
