@@ -161,7 +161,8 @@ class LoraModel(nn.Module):
             module.modules_to_save[adapter_name].requires_grad_(not config.inference_mode)
         if config.bias == "all":
             for name, param in model.named_parameters():
-                if name.endswith("bias") and ".modules_to_save." not in name:
+                # a saved module's original stays frozen (its copy trains in full), as in PEFT
+                if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
                     param.requires_grad_(not config.inference_mode)
         self.peft_config[adapter_name] = config
 
