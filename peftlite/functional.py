@@ -93,3 +93,114 @@ def conv2d_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, base
 def conv2d_delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """ΔW (out, in, kh, kw): B (out, r) applied across A's output channels."""
     return torch.einsum("or,rikl->oikl", lora_B.flatten(1), lora_A) * scaling
+
+
+# ---- Training paths: custom autograd Functions ---------------------------------------------------
+# The plain functions above are the reference. The Functions below compute the same numbers with
+# less memory and fewer passes over out-sized tensors; tests hold them to the reference.
+
+
+def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
+    """The keep-mask of dropout(x, p) as a bool tensor shaped like x (1 byte an element, not 4).
+
+    Drawn as `torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)`: on CPU this consumes the
+    generator exactly as `nn.Dropout`/`F.dropout` do, so a given seed gives the same mask as the
+    plain formulation. (CUDA's fused dropout kernel draws differently: same distribution, other bits.)
+    """
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+
+
+def apply_dropout_mask(x: Tensor, mask: Tensor, p: float) -> Tensor:
+    """x · mask / (1 - p), the value F.dropout returns for that mask."""
+    return x * mask.to(x.dtype).div_(1 - p)
+
+
+def _per_group(parts: list[Tensor], dim: int) -> Tensor:
+    """The groups' results side by side (no copy for the usual single group)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Base linear plus the low-rank term of one or more adapter groups, in one autograd node.
+
+    Shapes: x (N, in) after flattening, W (out, in) — (in, out) when fan_in_fan_out —, bias (out,),
+    A (g·r, in), B (g·os, r), where g groups each write os output columns starting at
+    `slices[k][0]` (a plain Linear is one group covering all columns; fused QKV has one group per
+    enabled slice). D is dropout with keep-mask M and p: D(x) = x ⊙ M / (1 - p).
+
+    Forward:  u = D(x) Aᵀ                                     (N, g·r)
+              y = x Wᵀ + b;  y[:, cols_k] += s · u_k B_kᵀ     (addmm_ in place: no out-sized temporary)
+    Backward, with G = ∂L/∂y (N, out) and G_k = G[:, cols_k]:
+              ∂L/∂u_k = s · G_k B_k              (N, r)
+              ∂L/∂B_k = s · G_kᵀ u_k             (os, r)
+              ∂L/∂A   = (∂L/∂u)ᵀ D(x)            (g·r, in)
+              ∂L/∂x   = G W + D(∂L/∂u A)         (N, in)   the LoRA term added in place
+              ∂L/∂W   = Gᵀ x,  ∂L/∂b = Σ_N G     (only if the base is trainable)
+    Saved: x itself (q, k and v receive the same tensor, so it is stored once), the bool mask, and
+    u (N × g·r). The plain formulation also keeps D(x) — a full fp32 copy of x per layer — and
+    creates two out-sized temporaries (B(·)·s and the sum) in forward and one in-sized sum in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, fan_in_fan_out: bool, slices: tuple[tuple[int, int], ...],
+                dropout: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        w = weight if fan_in_fan_out else weight.t()  # (in, out)
+        out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
+        mask = draw_dropout_mask(x2, dropout) if dropout > 0 else None
+        u = (apply_dropout_mask(x2, mask, dropout) if mask is not None else x2) @ lora_A.t()  # (N, g·r)
+        r = lora_A.shape[0] // len(slices)
+        for k, (start, size) in enumerate(slices):
+            out[:, start:start + size].addmm_(u[:, k * r:(k + 1) * r], lora_B[k * size:(k + 1) * size].t(),
+                                              alpha=scaling)
+        need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        ctx.save_for_backward(x if (need_A or need_W) else None, weight if need_x else None,
+                              lora_A if need_x else None, lora_B if (need_x or need_A) else None,
+                              u if need_B else None, mask)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.slices, ctx.dropout = scaling, fan_in_fan_out, slices, dropout
+        ctx.x_shape, ctx.r = x.shape, r
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, lora_A, lora_B, u, mask = ctx.saved_tensors
+        need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        s, p, r, slices = ctx.scaling, ctx.dropout, ctx.r, ctx.slices
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_x = grad_W = grad_b = grad_A = grad_B = None
+        if need_B:
+            grad_B = _per_group([g[:, start:start + size].t() @ u[:, k * r:(k + 1) * r]
+                                 for k, (start, size) in enumerate(slices)], dim=0).mul_(s)  # (g·os, r)
+        if need_x or need_A:
+            g_u = _per_group([g[:, start:start + size] @ lora_B[k * size:(k + 1) * size]
+                              for k, (start, size) in enumerate(slices)], dim=1).mul_(s)  # (N, g·r)
+        if need_A:
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_A = g_u.t() @ (apply_dropout_mask(x2, mask, p) if mask is not None else x2)  # (g·r, in)
+        if need_x:
+            grad_x = g @ (weight.t() if ctx.fan_in_fan_out else weight)  # (N, in)
+            if mask is None:
+                grad_x.addmm_(g_u, lora_A)
+            else:
+                grad_x.addcmul_(g_u @ lora_A, mask, value=1 / (1 - p))
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_W:
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_W = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
+        if need_b:
+            grad_b = g.sum(0)
+        return grad_x, grad_W, grad_b, grad_A, grad_B, None, None, None, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, fan_in_fan_out: bool = False,
+                slices: tuple[tuple[int, int], ...] | None = None, dropout: float = 0.0) -> Tensor:
+    """base(x) + B(A(dropout(x)))·s for a linear base, through `LoraLinearFunction`.
+
+    x (..., in) -> (..., out). `slices` gives (first column, width) of each adapter group's output;
+    None means one group over every column. `dropout` is the probability to use now (0 in eval).
+    """
+    if slices is None:
+        slices = ((0, weight.shape[1] if fan_in_fan_out else weight.shape[0]),)
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, slices, dropout)

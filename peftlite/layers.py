@@ -54,6 +54,10 @@ class LoraAdapter(nn.Module):
     def dropped(self, x: Tensor) -> Tensor:
         return self.dropout(x) if self.dropout is not None else x
 
+    def dropout_now(self) -> float:
+        """The dropout probability in effect: 0 without dropout or in eval mode."""
+        return self.dropout.p if self.dropout is not None and self.dropout.training else 0.0
+
 
 class LoraLayer(nn.Module):
     """What every LoRA layer shares: the wrapped base, the adapter records, merging."""
@@ -102,11 +106,19 @@ class LoraLayer(nn.Module):
         routing = batching.active_routing(self.state)
         if routing is not None:  # a mixed-adapter batch: each sample its own adapter
             return batching.mixed_lora_forward(self, routing, x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         adapter = self.active_adapter()
+        if adapter is not None and not args and not kwargs:
+            fused = self.fused_forward(x, adapter)
+            if fused is not None:  # the training path: base and low-rank term in one op
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
         if adapter is None:
             return result
         return result + self.lora_delta(x, adapter).to(result.dtype)
+
+    def fused_forward(self, x: Tensor, adapter: LoraAdapter) -> Tensor | None:
+        """base(x) + low-rank term computed together, or None where only the plain path applies."""
+        return None
 
     def merge(self, name: str) -> None:
         """Add ΔW of adapter `name` into the base weight."""
@@ -156,6 +168,18 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
 
+def _same_dtype_no_autocast(x: Tensor, weight: Tensor, adapter: LoraAdapter) -> bool:
+    """Whether the fused paths apply: no casts needed (else the plain path casts, as PEFT does)."""
+    return (x.dtype == weight.dtype == adapter.lora_A.dtype == adapter.lora_B.dtype
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def _runs_own_forward(base: nn.Module, *forwards) -> bool:
+    """Whether calling `base` would run exactly one of `forwards`: no subclass override, no hooks."""
+    return (type(base).forward in forwards and "forward" not in base.__dict__
+            and not base._forward_hooks and not base._forward_pre_hooks)
+
+
 def _linear_features(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a transformers Conv1D (weight in × out)."""
     if isinstance(base, Conv1D):
@@ -170,6 +194,7 @@ class Linear(LoraLayer):
         super().__init__(base_layer, state)
         self.fan_in_fan_out = fan_in_fan_out or isinstance(base_layer, Conv1D)
         self.in_features, self.out_features = _linear_features(base_layer)
+        self.slices = ((0, self.out_features),)  # (first output column, width) of each adapter group
 
     def adapter_shapes(self, r: int):
         return (r, self.in_features), (self.out_features, r)
@@ -177,6 +202,15 @@ class Linear(LoraLayer):
     def lora_delta(self, x: Tensor, adapter: LoraAdapter) -> Tensor:
         x = adapter.dropped(x).to(adapter.lora_A.dtype)
         return LF.linear_delta(x, adapter.lora_A, adapter.lora_B, adapter.scaling)
+
+    def fused_forward(self, x: Tensor, adapter: LoraAdapter) -> Tensor | None:
+        """One `LoraLinearFunction` node: saves x once, the dropout mask as bools, adds B·A in place."""
+        base = self.base_layer
+        if not (_runs_own_forward(base, nn.Linear.forward, Conv1D.forward)
+                and _same_dtype_no_autocast(x, base.weight, adapter)):
+            return None
+        return LF.lora_linear(x, base.weight, base.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                              isinstance(base, Conv1D), self.slices, adapter.dropout_now())
 
     def delta_weight(self, adapter: LoraAdapter) -> Tensor:
         return LF.linear_delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling, self.fan_in_fan_out)
@@ -200,6 +234,7 @@ class MergedLinear(Linear):
         self.enable_lora = list(enable_lora)
         self.groups = sum(enable_lora)
         slice_size = self.out_features // len(enable_lora)
+        self.slices = tuple((i * slice_size, slice_size) for i, on in enumerate(enable_lora) if on)
         columns = [i * slice_size + j for i, on in enumerate(enable_lora) if on for j in range(slice_size)]
         self.register_buffer("enabled_columns", torch.tensor(columns, device=base_layer.weight.device),
                              persistent=False)
@@ -230,6 +265,15 @@ class Embedding(LoraLayer):
     def lora_delta(self, ids: Tensor, adapter: LoraAdapter) -> Tensor:
         return LF.embedding_delta(ids, adapter.lora_A, adapter.lora_B, adapter.scaling,
                                   self.base_layer.padding_idx)
+
+    def fused_forward(self, ids: Tensor, adapter: LoraAdapter) -> Tensor | None:
+        """base(ids) + s · A[:, ids]ᵀ Bᵀ as one addmm: no out-sized temporaries for B(·), ·s and +."""
+        result = self.base_layer(ids)
+        if not _same_dtype_no_autocast(result, result, adapter):
+            return result + self.lora_delta(ids, adapter).to(result.dtype)
+        after_A = F.embedding(ids.reshape(-1), adapter.lora_A.T, padding_idx=self.base_layer.padding_idx)  # (N, r)
+        return torch.addmm(result.view(-1, result.shape[-1]), after_A, adapter.lora_B.T,
+                           alpha=adapter.scaling).view_as(result)
 
     def delta_weight(self, adapter: LoraAdapter) -> Tensor:
         return LF.embedding_delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling)

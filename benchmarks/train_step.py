@@ -1,0 +1,148 @@
+"""Training step time and peak memory: frozen floor vs PEFT vs peftlite (issue 6).
+
+The model: a Llama-style causal LM (4 layers, d=512, intermediate 1376, vocab 8192, random
+weights from a config: no Hub), fp32, r=16 on q,k,v,o,gate,up,down, batch 8, 2 CPU threads.
+A step is forward + backward + AdamW on the trainable parameters.
+
+- floor: the same model and batch with every weight frozen; one trainable scalar multiplies the
+  input embeddings so autograd still runs backward through the whole model.
+- peft / peftlite: LoRA with lora_dropout 0 and 0.1.
+
+Time (seq 256): every config is built once in this process, then steps are interleaved round by
+round (floor, peft, peftlite, ...) so machine noise hits all alike; each figure is a median.
+Memory (seq 512): each config runs in a fresh subprocess that reports its peak RSS
+(`resource.getrusage`), the model build included, as a user sees it.
+
+    .venv/bin/python benchmarks/train_step.py              # both, prints ratios
+    .venv/bin/python benchmarks/train_step.py --rounds 3   # quicker, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIGS = ["floor", "peft-p0", "peftlite-p0", "peft-p0.1", "peftlite-p0.1"]
+BATCH, RANK, ALPHA = 8, 16, 32
+
+
+def build(config: str) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The model for `config` in train mode, and its trainable parameters."""
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=8192, max_position_embeddings=1024,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    if config == "floor":
+        llama.requires_grad_(False)
+        scale = nn.Parameter(torch.ones(()))  # the negligible trainable: autograd reaches every layer
+        llama.register_parameter("floor_scale", scale)
+        llama.get_input_embeddings().register_forward_hook(lambda module, args, out: out * scale)
+        model = llama
+    else:
+        library, _, dropout = config.partition("-p")
+        if library == "peft":
+            import peft
+            model = peft.get_peft_model(llama, peft.LoraConfig(
+                r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=float(dropout)))
+        else:
+            import peftlite
+            model = peftlite.get_lora_model(llama, peftlite.LoraConfig(
+                r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=float(dropout)))
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+class Stepper:
+    """One config ready to step: model, optimizer and a fixed batch."""
+
+    def __init__(self, config: str, seq: int) -> None:
+        self.model, params = build(config)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.ids = torch.randint(2, 8192, (BATCH, seq), generator=torch.Generator().manual_seed(1))
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, float]:
+    """Median step seconds per config, steps interleaved across configs round by round."""
+    steppers = {c: Stepper(c, seq) for c in configs}
+    for stepper in steppers.values():  # warm-up: allocator, thread pool, lazy inits
+        stepper.step()
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    for _ in range(rounds):
+        for config, stepper in steppers.items():
+            times[config].append(stepper.step())
+    return {c: statistics.median(t) for c, t in times.items()}
+
+
+def peak_rss_child(config: str, seq: int) -> None:
+    """Run in a fresh process: build, take two steps, print peak RSS in MiB (and after-build RSS)."""
+    stepper = Stepper(config, seq)
+    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stepper.step()
+    stepper.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    print(json.dumps({"config": config, "peak_mib": peak, "built_mib": built}))
+
+
+def peak_rss(config: str, seq: int, threads: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", config, "--seq-mem", str(seq),
+                          "--threads", str(threads)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per config (median taken)")
+    parser.add_argument("--seq-time", type=int, default=256)
+    parser.add_argument("--seq-mem", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--skip-time", action="store_true")
+    parser.add_argument("--skip-mem", action="store_true")
+    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.rss_child:
+        return peak_rss_child(args.rss_child, args.seq_mem)
+    configs = args.configs.split(",")
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, r={RANK}")
+    if not args.skip_time:
+        medians = time_configs(configs, args.seq_time, args.rounds)
+        floor = medians.get("floor")
+        print(f"\nstep time, seq {args.seq_time}, median of {args.rounds} interleaved steps")
+        for config, seconds in medians.items():
+            vs_floor = f"{seconds / floor:6.3f}x floor" if floor else ""
+            peer = config.replace("peftlite", "peft")
+            vs_peft = f"  {seconds / medians[peer]:6.3f}x peft" if config.startswith("peftlite") and peer in medians else ""
+            print(f"  {config:14s} {seconds * 1000:8.1f} ms  {vs_floor}{vs_peft}")
+    if not args.skip_mem:
+        print(f"\npeak RSS, seq {args.seq_mem}, one fresh process per config")
+        results = {config: peak_rss(config, args.seq_mem, args.threads) for config in configs}
+        floor = results.get("floor")
+        for config, r in results.items():
+            ratio = f"{r['peak_mib'] / floor['peak_mib']:6.3f}x floor" if floor else ""
+            above = (f"  (above build: {(r['peak_mib'] - r['built_mib']) / (floor['peak_mib'] - floor['built_mib']):5.3f}x)"
+                     if floor else "")
+            print(f"  {config:14s} {r['peak_mib']:8.0f} MiB  {ratio}{above}")
+
+
+if __name__ == "__main__":
+    main()
