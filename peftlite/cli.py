@@ -281,10 +281,8 @@ def describe_adapter(config, weights: dict) -> dict:
             modules.setdefault(found["path"], {})[kind] = shape
         else:
             others[key.removeprefix("base_model.model.")] = shape
-    for path, shapes in modules.items():
-        embedding = any(k.startswith("base_model.model." + path + ".lora_embedding") for k in weights)
-        rank = shapes.get("lora_A", [0])[1 if embedding else 0]
-        shapes["r"] = rank
+    for shapes in modules.values():
+        shapes["r"] = shapes.get("lora_A", [0])[0]  # A is (r, in) for every layer kind, in PEFT's files too
     lora = sum(weights[k].numel() for k in weights if _KEY.fullmatch(k))
     total = sum(t.numel() for t in weights.values())
     return {"config": config.to_dict(), "modules": modules, "other_tensors": others,
