@@ -349,4 +349,6 @@ def _check_same_kind(path: str, layer: LoraLayer, config: LoraConfig) -> None:
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
     """Wrap `model` (modified in place) with a new, active LoRA adapter."""
+    if not isinstance(config, LoraConfig):  # LoraModel takes None (an empty wrapper for loading); this does not
+        raise ValueError(f"config {config!r} is invalid: expected a LoraConfig")
     return LoraModel(model, config, adapter_name)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from peftlite import LoraConfig, get_lora_model
-from tiny_models import ConvNet, MLP, assert_same_fingerprint, model_fingerprint, tiny_gpt2, token_batch
+from tiny_models import (ConvNet, MLP, assert_same_fingerprint, model_fingerprint, one_torch_thread, tiny_gpt2,
+                         token_batch)
 
 CYCLES = 1000
 MAX_DRIFT = 1e-5
@@ -44,11 +45,8 @@ def output(model, inputs):
 
 @pytest.fixture
 def one_thread():
-    """The cycles are thousands of tiny ops; on a shared 2-core machine torch's thread pool only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.mark.parametrize("name,make,kwargs,inputs", CASES, ids=[c[0] for c in CASES])
