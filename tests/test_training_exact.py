@@ -1,0 +1,279 @@
+"""The training path computes the plain LoRA formulation exactly (issue 6).
+
+peftlite's layers train through custom autograd Functions (functional.LoraLinearFunction) and
+in-place adds. These tests hold loss and every trainable gradient to
+    h = base(x) + B(A(dropout(x))) · s
+written out here with plain torch ops (`PlainLora`), with the same dropout mask for the same seed,
+and to the real `peft` with dropout 0; each Function also passes `gradcheck` in float64.
+
+    .venv/bin/pytest -q tests/test_training_exact.py
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlite import LoraConfig, get_lora_model
+from peftlite import functional as LF
+from peftlite.layers import Conv2d, Embedding, LoraLayer, MergedLinear
+from tiny_models import (LLAMA_TARGETS, ConvNet, copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_llama,
+                         token_batch)
+
+TOL = 1e-5
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+# ---- the reference: the plain formulation, written out ----------------------------------------
+
+class PlainLora(nn.Module):
+    """Stands in for a LoRA layer: same base and parameters (so the same names), plain torch ops only."""
+
+    def __init__(self, layer: LoraLayer) -> None:
+        super().__init__()
+        self.base_layer = layer.base_layer
+        self.adapters = layer.adapters
+        self.layer = [layer]  # kept out of the module tree: only its kind and shapes are read
+        self.train(layer.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, adapter = self.layer[0], self.adapters["default"]
+        A, B, s = adapter.lora_A, adapter.lora_B, adapter.scaling
+        p = adapter.dropout.p if adapter.dropout is not None else 0.0
+        base = self.base_layer(x)
+        if isinstance(layer, Embedding):  # PEFT applies no dropout to embeddings
+            return base + F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) @ B.T * s
+        dropped = F.dropout(x, p, self.training)
+        if isinstance(layer, Conv2d):
+            conv = self.base_layer
+            after_A = F.conv2d(dropped, A, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+            return base + F.conv2d(after_A, B) * s
+        if isinstance(layer, MergedLinear):  # each enabled slice k: B_k(A_k(x)) into its own columns
+            r, parts = adapter.r, []
+            width = layer.out_features // len(layer.enable_lora)
+            k = 0
+            for on in layer.enable_lora:
+                if on:
+                    A_k, B_k = A[k * r:(k + 1) * r], B[k * width:(k + 1) * width]
+                    parts.append(F.linear(F.linear(dropped, A_k), B_k) * s)
+                    k += 1
+                else:
+                    parts.append(torch.zeros(*x.shape[:-1], width))
+            return base + torch.cat(parts, dim=-1)
+        return base + F.linear(F.linear(dropped, A), B) * s
+
+
+def plain_copy(lite) -> nn.Module:
+    """A deep copy of a peftlite model's base model with every LoRA layer replaced by PlainLora."""
+    model = copy.deepcopy(lite.base_model)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, PlainLora(module))
+    return model
+
+
+def loss_and_grads(model: nn.Module, loss_fn, seed: int = 7) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = loss_fn(model)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def assert_same(a: tuple, b: tuple) -> None:
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=TOL)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert grads_a[name] is not None, name
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=TOL, msg=name)
+
+
+# ---- the cases: every layer kind, with and without dropout and modules_to_save ---------------
+
+def lm_loss(model):
+    ids = token_batch(batch=3, length=12)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def cls_loss(model):
+    return model(input_ids=token_batch(batch=3, length=12), labels=torch.tensor([0, 2, 1])).loss
+
+
+def convnet_loss(model):
+    image = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 16, (3, 5), generator=torch.Generator().manual_seed(2))
+    return model(image, ids).square().mean()
+
+
+CASES = {  # name: (model factory, loss, config kwargs)
+    "Linear": (tiny_llama, lm_loss, dict(target_modules=LLAMA_TARGETS)),
+    "Conv1D": (tiny_gpt2, lm_loss, dict(target_modules=GPT2_TARGETS)),
+    "MergedLinear": (tiny_gpt2, lm_loss, dict(target_modules=["c_attn"], enable_lora=[True, False, True])),
+    "Embedding+Conv2d": (ConvNet, convnet_loss, dict(target_modules=["emb", "conv"])),
+    "modules_to_save": (ConvNet, convnet_loss, dict(target_modules=["emb", "conv"], modules_to_save=["head"])),
+    "seq-cls": (tiny_bert, cls_loss, dict(target_modules=["query", "value"], task_type="SEQ_CLS")),
+}
+
+
+def make_lite(case: str, dropout: float):
+    factory, loss_fn, kwargs = CASES[case]
+    base = factory()
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, **kwargs)
+    return base, get_lora_model(copy.deepcopy(base), config).train(), loss_fn, kwargs
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_and_grads_equal_the_plain_formulation(case, dropout):
+    _, lite, loss_fn, _ = make_lite(case, dropout)
+    assert_same(loss_and_grads(lite.base_model, loss_fn), loss_and_grads(plain_copy(lite).train(), loss_fn))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "MergedLinear"])  # PEFT has no enable_lora
+def test_loss_and_grads_equal_peft(case):
+    base, lite, loss_fn, kwargs = make_lite(case, 0.0)
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **kwargs)).train()
+    copy_lora_to_peft(lite, reference)
+    loss, grads = loss_and_grads(lite.base_model, loss_fn)
+    peft_loss, peft_grads = loss_and_grads(reference.base_model.model, loss_fn)
+    torch.testing.assert_close(loss, peft_loss, rtol=0, atol=TOL)
+    for path, layer in lite.lora_layers():
+        peft_layer = reference.base_model.model.get_submodule(path)
+        pairs = ((peft_layer.lora_embedding_A["default"], peft_layer.lora_embedding_B["default"])
+                 if isinstance(layer, Embedding)
+                 else (peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight))
+        for mine, theirs in zip((layer.adapters["default"].lora_A, layer.adapters["default"].lora_B), pairs):
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=0, atol=TOL, msg=path)
+    saved = {n: g for n, g in grads.items() if "modules_to_save" in n}
+    assert bool(saved) == ("modules_to_save" in kwargs or "task_type" in kwargs)
+    for name, grad in saved.items():
+        torch.testing.assert_close(grad, peft_grads[name], rtol=0, atol=TOL, msg=name)
+
+
+def test_merged_linear_grads_equal_loralib():
+    import loralib
+    torch.manual_seed(0)
+    base = nn.Linear(6, 9)
+    reference = loralib.MergedLinear(6, 9, r=2, lora_alpha=4, enable_lora=[True, False, True], merge_weights=False)
+    reference.weight.data.copy_(base.weight)
+    reference.bias.data.copy_(base.bias)
+    wrapper = nn.Sequential(base)
+    lite = get_lora_model(wrapper, LoraConfig(r=2, lora_alpha=4, target_modules=["0"],
+                                              enable_lora=[True, False, True], init_lora_weights=False))
+    layer = lite.base_model[0]
+    reference.lora_A.data.copy_(layer.adapters["default"].lora_A)
+    reference.lora_B.data.copy_(layer.adapters["default"].lora_B)
+    x = torch.randn(4, 3, 6)
+    lite(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    torch.testing.assert_close(layer.adapters["default"].lora_A.grad, reference.lora_A.grad, rtol=0, atol=TOL)
+    torch.testing.assert_close(layer.adapters["default"].lora_B.grad, reference.lora_B.grad, rtol=0, atol=TOL)
+
+
+# ---- the Functions themselves ---------------------------------------------------------------
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("slices", [None, ((0, 3), (6, 3))])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_linear_function_gradcheck(fan_in_fan_out, slices, dropout):
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    out, groups = 9, (1 if slices is None else 2)
+    x = rand(2, 4, 5)
+    weight = rand(5, out) if fan_in_fan_out else rand(out, 5)
+    A, B = rand(2 * groups, 5), rand(out if slices is None else 6, 2)
+
+    def f(x, weight, bias, A, B):
+        torch.manual_seed(5)  # the same dropout mask on every call gradcheck makes
+        return LF.lora_linear(x, weight, bias, A, B, 0.7, fan_in_fan_out, slices, dropout)
+
+    assert torch.autograd.gradcheck(f, (x, weight, rand(out), A, B))
+    assert torch.autograd.gradcheck(f, (x, weight.detach(), None, A, B))  # frozen base, no bias
+
+
+def test_dropout_mask_is_the_one_nn_dropout_draws():
+    x = torch.randn(5, 7, 11)
+    torch.manual_seed(3)
+    expected = F.dropout(x, 0.25, training=True)
+    torch.manual_seed(3)
+    mask = LF.draw_dropout_mask(x, 0.25)
+    torch.testing.assert_close(LF.apply_dropout_mask(x, mask, 0.25), expected, rtol=0, atol=0)
+
+
+def test_function_saves_shared_input_once():
+    """q, k and v receive one tensor: the graph holds one copy of it, and the mask as bools."""
+    x = torch.randn(4, 8, requires_grad=True)
+    weight, A = torch.randn(8, 8), torch.randn(2, 8, requires_grad=True)
+    outs = [LF.lora_linear(x, weight, None, A, torch.randn(8, 2, requires_grad=True), 1.0, dropout=0.5)
+            for _ in range(3)]
+    for out in outs:
+        saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+        assert any(t.data_ptr() == x.data_ptr() for t in saved)
+        assert not any(t.shape == x.shape and t.dtype == x.dtype and t.data_ptr() != x.data_ptr() for t in saved)
+        assert any(t.dtype == torch.bool and t.shape == x.shape for t in saved)
+
+
+# ---- it keeps working: checkpointing, no_grad, merged, half precision ------------------------
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_grads(dropout):
+    _, lite, loss_fn, _ = make_lite("Linear", dropout)
+    expected = loss_and_grads(lite.base_model, loss_fn)
+    lite.gradient_checkpointing_enable()
+    assert lite.base_model.is_gradient_checkpointing
+    assert_same(loss_and_grads(lite.base_model, loss_fn), expected)
+
+
+@pytest.mark.parametrize("case", ["Linear", "Conv1D", "MergedLinear", "Embedding+Conv2d"])
+def test_no_grad_inference_and_merged_weights_give_the_training_output(case):
+    factory, loss_fn, _ = CASES[case]
+    _, lite, _, _ = make_lite(case, 0.1)
+    lite.eval()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        plain = loss_fn(plain_copy(lite).eval())
+        torch.manual_seed(7)
+        inferred = loss_fn(lite.base_model)
+        lite.merge_adapter()
+        torch.manual_seed(7)
+        merged = loss_fn(lite.base_model)
+    torch.testing.assert_close(inferred, plain, rtol=0, atol=TOL)
+    torch.testing.assert_close(merged, plain, rtol=1e-4, atol=TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_trains_through_the_fused_path(dtype):
+    _, lite, loss_fn, _ = make_lite("Linear", 0.1)
+    lite.to(dtype)
+    loss, grads = loss_and_grads(lite.base_model, loss_fn)
+    plain_loss, plain_grads = loss_and_grads(plain_copy(lite).train(), loss_fn)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(loss, plain_loss, rtol=2e-2, atol=2e-2)
+    for name, grad in grads.items():
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.float(), plain_grads[name].float(), rtol=5e-2, atol=5e-2, msg=name)
+
+
+def test_half_precision_base_with_fp32_adapters_casts():
+    """Adapters kept in fp32 on a bf16 base (a common recipe): the plain path casts, output stays bf16."""
+    _, lite, loss_fn, _ = make_lite("Linear", 0.0)
+    lite.base_model.to(torch.bfloat16)
+    for _, layer in lite.lora_layers():
+        layer.adapters.float()
+    loss, grads = loss_and_grads(lite.base_model, loss_fn)
+    assert torch.isfinite(loss)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    with torch.no_grad():
+        out = lite.base_model(input_ids=token_batch()).logits
+    assert out.dtype == torch.bfloat16
