@@ -16,6 +16,7 @@ ignores with a warning), `adapter_model.safetensors` under PEFT's keys
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -143,7 +144,7 @@ def _read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: absurd nesting
         raise ValueError(f"{path}: not valid JSON ({err}); expected a PEFT adapter_config.json") from None
 
 
@@ -291,7 +292,8 @@ def load_adapter(lora_model, model_id_or_path: str, adapter_name: str, is_traina
     for path, _, layer in layers:
         _copy_pair(layer, adapter_name, pairs[path], source)
     for path in expected_saved:
-        root.get_submodule(path).modules_to_save[adapter_name].load_state_dict(saved[path], strict=False)
+        # .get: a module with no state (e.g. an activation) has no keys in the file
+        root.get_submodule(path).modules_to_save[adapter_name].load_state_dict(saved.get(path, {}), strict=False)
     _copy_base(changed, source)
 
 
@@ -352,9 +354,11 @@ def save_adapters(lora_model, save_directory: str | os.PathLike, selected_adapte
     Each directory gets adapter_config.json, adapter_model.safetensors and a
     README.md model card; every file is written atomically.
     """
-    names = list(lora_model.peft_config) if selected_adapters is None else list(selected_adapters)
     if isinstance(selected_adapters, str):
-        names = [selected_adapters]
+        selected_adapters = [selected_adapters]
+    if selected_adapters is not None and not isinstance(selected_adapters, (list, tuple)):
+        raise ValueError(f"selected_adapters={selected_adapters!r} is invalid: expected a list of adapter names")
+    names = list(lora_model.peft_config) if selected_adapters is None else list(selected_adapters)
     for name in names:
         lora_model.check_adapter(name)
     if not safe_serialization:
@@ -435,6 +439,7 @@ def atomic_write_all(directory: Path, writers: dict[str, Callable[[str], None]])
     If any writer fails, every temporary file is removed and no target has
     changed. The renames come last, one after another, each atomic.
     """
+    _remove_orphans(directory, list(writers))
     staged: dict[str, str] = {}
     try:
         for name, write in writers.items():
@@ -450,3 +455,25 @@ def atomic_write_all(directory: Path, writers: dict[str, Callable[[str], None]])
         for tmp in staged.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _remove_orphans(directory: Path, names: list[str]) -> None:
+    """Delete temporary files left by a save that was killed outright (SIGKILL, power loss).
+
+    Only files named as `atomic_write_all` names them, for these targets, whose
+    writing process no longer exists; a save still running elsewhere is left alone.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
+        return
+    for name in names:
+        prefix = f".{name}."
+        for entry in os.scandir(directory):
+            pid = entry.name[len(prefix):].split(".", 1)[0]
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and pid.isdigit():
+                try:
+                    os.kill(int(pid), 0)
+                except ProcessLookupError:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(entry.path)
+                except OSError:  # alive but not ours (PermissionError): leave it
+                    pass
