@@ -245,14 +245,24 @@ def _check_base(base: list[tuple[Tensor, Tensor]], source: str) -> list[tuple[Te
     return changed
 
 
-def _copy_pair(layer: LoraLayer, name: str, parts: dict[str, Tensor], source: str) -> None:
+def _copy_pair(layer: LoraLayer, name: str, parts: dict[str, Tensor], source: str, adopt: bool = False) -> None:
+    """Put a file's A and B into adapter `name` of `layer`.
+
+    adopt=True (a new adapter) takes over the freshly read tensors' storage
+    when dtype and device already match, instead of copying ~all the bytes a
+    second time; hotswap (adopt=False) copies in place so the Parameter and
+    its storage stay the ones a compiled graph captured.
+    """
     record = layer.adapters[name]
     lora_B = parts["B"]
     if isinstance(layer, MergedLinear):
         lora_B = fused_from_file(layer, lora_B, source)
     with torch.no_grad():
-        record.lora_A.copy_(parts["A"])
-        record.lora_B.copy_(lora_B)
+        for param, value in ((record.lora_A, parts["A"]), (record.lora_B, lora_B)):
+            if adopt and value.dtype == param.dtype and value.device == param.device:
+                param.data = value
+            else:
+                param.copy_(value)
 
 
 def _copy_base(changed: list[tuple[Tensor, Tensor]], source: str) -> None:
@@ -290,7 +300,7 @@ def load_adapter(lora_model, model_id_or_path: str, adapter_name: str, is_traina
 
     lora_model.install_adapter(adapter_name, config, layers, expected_saved, init=None)
     for path, _, layer in layers:
-        _copy_pair(layer, adapter_name, pairs[path], source)
+        _copy_pair(layer, adapter_name, pairs[path], source, adopt=True)
     for path in expected_saved:
         # .get: a module with no state (e.g. an activation) has no keys in the file
         root.get_submodule(path).modules_to_save[adapter_name].load_state_dict(saved.get(path, {}), strict=False)
