@@ -298,7 +298,7 @@ class LoraModel(nn.Module):
         Everything is validated before the first module changes, so on any error
         the model is left exactly as it was.
         """
-        from .files import load_adapter
+        from .loading import load_adapter
         load_adapter(self, model_id_or_path, adapter_name, is_trainable, **hub_kwargs)
 
     def hotswap_adapter(self, model_id_or_path: str, adapter_name: str, **hub_kwargs: Any) -> None:
@@ -307,7 +307,7 @@ class LoraModel(nn.Module):
         Parameters are copied into, never replaced, so compiled or captured
         models keep working; on any error nothing changes.
         """
-        from .files import hotswap_adapter
+        from .loading import hotswap_adapter
         hotswap_adapter(self, model_id_or_path, adapter_name, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, adapter_name: str | None = None, private: bool | None = None,
