@@ -21,7 +21,7 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
-from .training import TASK_TYPES
+from .training import TASK_TYPES, has_tokenizer
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -209,8 +209,13 @@ def cmd_train(args: argparse.Namespace) -> dict:
     return {"output": os.path.abspath(args.output), **result, "processes": accelerator.num_processes}
 
 
-def _load_with_adapter(model_id: str, adapter: str, task: str | None, num_labels: int | None = None):
-    """Base model + adapter, loaded after the adapter has been read and checked."""
+def _load_with_adapter(model_id: str, adapter: str, task: str | None, num_labels: int | None = None,
+                       pad_token_id: int | None = None):
+    """Base model + adapter, loaded after the adapter has been read and checked.
+
+    The model class comes from `task`, else the adapter's task_type, else the
+    architecture named in the base model's config.
+    """
     from . import training
     from .model import LoraModel
 
@@ -221,13 +226,14 @@ def _load_with_adapter(model_id: str, adapter: str, task: str | None, num_labels
         raise UsageError(f"--num-labels {num_labels} does not match adapter {adapter!r}: its head has {head}")
     check_model_id(model_id)
     _quiet_transformers()
-    tokenizer = training.load_tokenizer(model_id)
     if task is None:
-        from transformers import AutoModel
-        base = AutoModel.from_pretrained(model_id)
+        import transformers
+        architectures = transformers.AutoConfig.from_pretrained(model_id).architectures or []
+        model_class = getattr(transformers, architectures[0], None) if architectures else None
+        base = (model_class or transformers.AutoModel).from_pretrained(model_id)
     else:
-        base = training.load_base_model(model_id, task, num_labels or head, tokenizer.pad_token_id)
-    return LoraModel.from_pretrained(base, adapter), tokenizer
+        base = training.load_base_model(model_id, task, num_labels or head, pad_token_id)
+    return LoraModel.from_pretrained(base, adapter)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -236,7 +242,11 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     examples = training.read_examples(args.data, args.task, args.text_column, args.label_column)
     if args.num_labels is not None and args.task == "seq-cls":
         training.num_labels_for(examples, args.num_labels)
-    model, tokenizer = _load_with_adapter(args.model, args.adapter, args.task, args.num_labels)
+    read_adapter_checked(args.adapter)  # before the tokenizer: a bad adapter is the likelier mistake
+    check_model_id(args.model)
+    _quiet_transformers()
+    tokenizer = training.load_tokenizer(args.model)
+    model = _load_with_adapter(args.model, args.adapter, args.task, args.num_labels, tokenizer.pad_token_id)
     if args.task == "seq-cls":
         classes = model.config.num_labels
         if max(examples.labels) >= classes:
@@ -246,15 +256,23 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 
 def cmd_merge(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
     check_output_dir(args.output, must_be_empty=True)
-    model, tokenizer = _load_with_adapter(args.model, args.adapter, args.task)
-    merged = model.merge_and_unload()
+    merged = _load_with_adapter(args.model, args.adapter, args.task).merge_and_unload()
+    tokenizer = None  # a model without a tokenizer (vision, plain): merge the weights alone
+    if has_tokenizer(args.model):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError):
+            pass
     # Write next to the target, then move it in: a failure leaves no half-written model behind.
     parent = os.path.dirname(os.path.abspath(args.output))
     staging = tempfile.mkdtemp(prefix=".peftlite-merge-", dir=parent)
     try:
         merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         if os.path.isdir(args.output):
             os.rmdir(args.output)  # checked empty above
         os.replace(staging, args.output)
@@ -262,7 +280,7 @@ def cmd_merge(args: argparse.Namespace) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"output": os.path.abspath(args.output), "model_class": type(merged).__name__,
-            "parameters": sum(p.numel() for p in merged.parameters())}
+            "parameters": sum(p.numel() for p in merged.parameters()), "tokenizer": tokenizer is not None}
 
 
 _KEY = re.compile(r"base_model\.model\.(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"

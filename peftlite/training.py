@@ -152,9 +152,20 @@ def num_labels_for(examples: Examples, num_labels: int | None) -> int:
 
 
 # ---- models and batches --------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer(model_id: str) -> bool:
+    """Whether a local model directory ships a tokenizer (transformers 5 builds an empty one when it does not)."""
+    return not os.path.isdir(model_id) or any(os.path.isfile(os.path.join(model_id, f)) for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(model_id: str):
     """The model's tokenizer; a tokenizer without a pad token (GPT-2) pads with its EOS token."""
     from transformers import AutoTokenizer
+    if not has_tokenizer(model_id):
+        raise FileNotFoundError(f"--model {model_id!r} has no tokenizer: expected one of {list(TOKENIZER_FILES)}")
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -255,11 +266,11 @@ def train(accelerator, model: nn.Module, tokenizer, examples: Examples, task: st
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    if is_fsdp(accelerator) or is_cpu_fsdp(accelerator):
-        # The optimiser must see the sharded parameters, so shard first.
+    if is_cpu_fsdp(accelerator) or (is_fsdp(accelerator) and not accelerator.is_fsdp2):
+        # Our FSDP2 on CPU and accelerate's FSDP1 replace the parameters: shard first, then build the
+        # optimiser on the sharded ones (accelerate's FSDP2 instead remaps an optimiser prepared with it).
         model = shard_fsdp2(model) if is_cpu_fsdp(accelerator) else accelerator.prepare(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=settings.lr)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
         optimizer, loader = accelerator.prepare(optimizer, loader)
     else:
         optimizer = torch.optim.AdamW(params, lr=settings.lr)

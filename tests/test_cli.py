@@ -345,3 +345,21 @@ def test_describe_adapter_counts_embedding_and_linear_pairs():
                                "lin": {"lora_A": [4, 10], "lora_B": [20, 4], "r": 4}}
     assert info["other_tensors"] == {"head.weight": [2, 20]}
     assert info["parameters"] == {"lora": 64 + 32 + 40 + 80, "other": 40, "total": 256}
+
+
+def test_merge_without_task_type_or_tokenizer_uses_the_config_architecture(tmp_path, monkeypatch, capsys):
+    from peftlite import LoraConfig, get_lora_model
+    tiny_gpt2().save_pretrained(tmp_path / "base")  # no tokenizer saved
+    model = get_lora_model(tiny_gpt2(), LoraConfig(r=2, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "--model", "base", "--adapter", "adapter", "--output", "merged"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["model_class"], result["tokenizer"]) == ("GPT2LMHeadModel", False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+    assert not any(name.startswith(".peftlite-merge-") for name in os.listdir(tmp_path))
