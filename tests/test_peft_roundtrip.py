@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import LLAMA_TARGETS, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
 from peftlite import LoraConfig, LoraModel, MergedLinear, get_lora_model
@@ -45,6 +45,8 @@ CASES = [
     ("vit-conv2d-classifier", tiny_vit, pixels,
      dict(r=4, lora_alpha=8, target_modules=["projection", "query"], modules_to_save=["classifier"])),
     ("bert-bias-all", tiny_bert, tokens, dict(r=4, target_modules=["query"], bias="all")),
+    ("bert-seqcls-bias-all", tiny_bert, tokens,  # PEFT also writes the head wrapper's inner bias copies
+     dict(r=4, target_modules=["query"], bias="all", task_type="SEQ_CLS")),
     ("gpt2-bias-lora-only", tiny_gpt2, tokens, dict(r=4, target_modules=["c_attn"], bias="lora_only")),
 ]
 IDS = [case[0] for case in CASES]
@@ -179,3 +181,16 @@ def test_merged_linear_round_trip_through_peft(tmp_path, use_rslora):
     plain = LoraModel.from_pretrained(tiny_gpt2(), str(tmp_path / "peft"))
     assert not isinstance(plain.base_model.transformer.h[0].attn.c_attn, MergedLinear)
     torch.testing.assert_close(logits(plain, tokens), expected, atol=1e-5, rtol=0)
+
+
+def test_changed_embedding_table_in_a_peft_file_is_loaded_as_peft_loads_it(tmp_path):
+    """PEFT saves a targeted embedding's full table; if it differs from the base, both libraries use it."""
+    peft_saved(tmp_path, tiny_llama, dict(r=4, target_modules=["embed_tokens"]))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[key] = tensors[key] + 0.5
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    expected = logits(PeftModel.from_pretrained(tiny_llama(), str(tmp_path)), tokens)
+    with pytest.warns(UserWarning, match="copied 1 base-model tensors"):
+        lite = LoraModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(logits(lite, tokens), expected, atol=1e-5, rtol=0)
