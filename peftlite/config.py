@@ -53,6 +53,13 @@ def _is_number(value: object) -> bool:
         return False
 
 
+MAX_ALPHA = 3.4e38  # float32's range: the scaling alpha / r is passed to kernels as a float32 scalar
+
+
+def _is_alpha(value: object) -> bool:
+    return _is_number(value) and 0 < value <= MAX_ALPHA
+
+
 def _check_targets(field_name: str, value: object) -> None:
     """A list of module names, a full-match regex string, or None."""
     if value is None:
@@ -114,8 +121,9 @@ class LoraConfig:
     def _validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"r={self.r!r} is invalid: expected an integer >= 1")
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} is invalid: expected a number > 0")
+        if not _is_alpha(self.lora_alpha):
+            raise ValueError(
+                f"lora_alpha={self.lora_alpha!r} is invalid: expected a number > 0 and <= {MAX_ALPHA:.4g}")
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} is invalid: expected a number in [0, 1)")
         if self.bias not in BIAS_MODES:
@@ -145,14 +153,14 @@ class LoraConfig:
                 )
             self.modules_to_save = list(self.modules_to_save)
         for name, check in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                            ("alpha_pattern", lambda v: _is_number(v) and v > 0)):
+                            ("alpha_pattern", _is_alpha)):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
                 raise ValueError(f"{name}={pattern!r} is invalid: expected a dict of regex -> value")
             for key, value in pattern.items():
                 _check_regex(name, key, as_suffix=True)
                 if not check(value):
-                    expected = "an integer >= 1" if name == "rank_pattern" else "a number > 0"
+                    expected = "an integer >= 1" if name == "rank_pattern" else f"a number > 0 and <= {MAX_ALPHA:.4g}"
                     raise ValueError(f"{name}[{key!r}]={value!r} is invalid: expected {expected}")
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform

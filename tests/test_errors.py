@@ -58,6 +58,7 @@ BAD_CONFIGS = [
     (dict(lora_alpha=-1.0), ["lora_alpha=-1.0", "> 0"]),
     (dict(lora_alpha=math.inf), ["lora_alpha=inf", "> 0"]),
     (dict(lora_alpha=10 ** 400), ["lora_alpha=1000", "> 0"]),
+    (dict(lora_alpha=3.5e38), ["lora_alpha=3.5e+38", "<= 3.4e+38"]),  # its scaling overflowed float32 kernels
     (dict(lora_dropout=1.0), ["lora_dropout=1.0", "[0, 1)"]),
     (dict(lora_dropout=-0.1), ["lora_dropout=-0.1", "[0, 1)"]),
     (dict(bias="some"), ["bias='some'", "'lora_only'"]),
@@ -75,6 +76,7 @@ BAD_CONFIGS = [
     (dict(rank_pattern={"lin(": 2}), ["'lin('", "regex"]),
     (dict(alpha_pattern={"lin0": -1}), ["alpha_pattern['lin0']=-1", "> 0"]),
     (dict(alpha_pattern={"lin0": 0.0}), ["alpha_pattern['lin0']=0.0", "> 0"]),
+    (dict(alpha_pattern={"lin0": 1e39}), ["alpha_pattern['lin0']=1e+39", "<= 3.4e+38"]),
     (dict(layers_to_transform=[-1]), ["layers_to_transform=[-1]", "non-negative"]),
     (dict(enable_lora=[]), ["enable_lora=[]", "at least one True"]),
     (dict(enable_lora=[False, False]), ["enable_lora=[False, False]", "at least one True"]),
