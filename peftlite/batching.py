@@ -154,6 +154,8 @@ def mixed_lora_forward(layer: "LoraLayer", routing: Routing, x: Tensor, *args, *
     result = layer.base_layer(x, *args, **kwargs)
     if layer.state.disabled:
         return result
+    if _batched_linear_delta(layer, routing, x, result):
+        return result
     for name, rows in routing.groups(x.shape[0], x.device):
         if name not in layer.adapters:
             continue
@@ -164,6 +166,41 @@ def mixed_lora_forward(layer: "LoraLayer", routing: Routing, x: Tensor, *args, *
             delta = layer.lora_delta(x.index_select(0, rows), adapter).to(result.dtype)
             result.index_add_(0, rows, delta)
     return result
+
+
+def _batched_linear_delta(layer: "LoraLayer", routing: Routing, x: Tensor, result: Tensor) -> bool:
+    """For a plain Linear whose adapters share one rank: every sample's term in one bmm pair, in place.
+
+    Fewer, larger ops than one product per group (and no gather of x): each sample's
+    A and B are stacked, (B, r, in) and (B, out, r), and x is seen as (B, L, in) with
+    L = its rows per sample × positions. Samples without an adapter here get A = 0.
+    Returns False (nothing done) where this does not apply; the grouped path runs then.
+    """
+    from .layers import Linear, MergedLinear  # layers.py imports this module
+
+    if not isinstance(layer, Linear) or isinstance(layer, MergedLinear):
+        return False
+    adapters = layer.adapters
+    used = [adapters[name] for name in dict.fromkeys(routing.names) if name in adapters]
+    if not used:
+        return True  # no sample has an adapter on this layer: the base output is the answer
+    first = used[0]
+    if any(a.r != first.r or a.lora_A.dtype != first.lora_A.dtype for a in used) or result.dtype != first.lora_A.dtype:
+        return False
+    if x.shape[0] % len(routing.names) or not result.is_contiguous():
+        return False
+    batch = len(routing.names)
+    zero_A = first.lora_A.new_zeros(first.lora_A.shape)
+    zero_B = first.lora_B.new_zeros(first.lora_B.shape)
+    records = [adapters[name] if name in adapters else None for name in routing.names]
+    lora_A = torch.stack([a.lora_A if a is not None else zero_A for a in records])  # (B, r, in)
+    lora_B = torch.stack([a.lora_B if a is not None else zero_B for a in records])  # (B, out, r)
+    scaling = torch.tensor([a.scaling if a is not None else 0.0 for a in records],
+                           dtype=lora_A.dtype, device=lora_A.device).view(batch, 1, 1)
+    xs = x.to(lora_A.dtype).reshape(batch, -1, x.shape[-1])  # (B, L, in)
+    after_A = torch.bmm(xs, lora_A.mT).mul_(scaling)  # (B, L, r)
+    result.view(batch, -1, result.shape[-1]).baddbmm_(after_A, lora_B.mT)  # (B, L, out) += (B, L, r) @ (B, r, out)
+    return True
 
 
 def mixed_saved_forward(module: "ModulesToSave", routing: Routing, x: Tensor, *args, **kwargs) -> Tensor:
