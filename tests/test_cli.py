@@ -251,6 +251,16 @@ def test_bad_input_exits_2_with_one_line_naming_the_value(error_runs, case):
     assert ERRORS[case][1] in lines[0]
 
 
+def test_the_console_script_is_the_same_command(bad_files):
+    script = Path(sys.executable).parent / "peftlite"
+    if not script.exists():
+        pytest.skip("peftlite is not installed in this environment (pip install -e .)")
+    done = subprocess.run([str(script), "inspect", "truncated"], cwd=bad_files, env=env_for(bad_files),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "truncated" in done.stderr
+
+
 @pytest.mark.parametrize("case", list(VARIANTS))
 def test_bad_input_variants_exit_2_in_process(bad_files, case, monkeypatch, capsys):
     monkeypatch.chdir(bad_files)
