@@ -200,6 +200,9 @@ def save_adapters(lora_model, save_directory: str | os.PathLike, selected_adapte
     if not is_main_process:
         return
     for name in names:
+        if name != "default" and (root / name).exists() and not (root / name).is_dir():
+            raise ValueError(f"{str(root / name)!r} is a file: adapter {name!r} needs a subfolder of that name")
+    for name in names:
         directory = root if name == "default" else root / name
         directory.mkdir(exist_ok=True)
         config = lora_model.peft_config[name]
@@ -207,12 +210,12 @@ def save_adapters(lora_model, save_directory: str | os.PathLike, selected_adapte
                                      base_model_name_or_path=config.base_model_name_or_path
                                      or _base_model_name(lora_model.base_model))
         tensors = adapter_tensors(lora_model, name)
+        writers = {WEIGHTS_NAME: lambda path, t=tensors: save_file(t, path, metadata={"format": "pt"}),
+                   CONFIG_NAME: _text_writer(_config_json(config))}
         card = model_card(directory / CARD_NAME, config.base_model_name_or_path)
-        atomic_write_all(directory, {
-            WEIGHTS_NAME: lambda path, t=tensors: save_file(t, path, metadata={"format": "pt"}),
-            CONFIG_NAME: _text_writer(_config_json(config)),
-            CARD_NAME: _text_writer(card),
-        })
+        if card is not None:
+            writers[CARD_NAME] = _text_writer(card)
+        atomic_write_all(directory, writers)
 
 
 def _base_model_name(model) -> str | None:
@@ -221,14 +224,22 @@ def _base_model_name(model) -> str | None:
     return name or None
 
 
-def model_card(existing: Path, base_model: str | None) -> str:
+def model_card(existing: Path, base_model: str | None) -> str | None:
     """README.md with `library_name: peft` (so the Hub lists an adapter) and `base_model` front matter.
 
-    An existing card keeps its text; only its metadata is updated.
+    An existing card keeps its text; only its metadata is updated. One whose
+    front matter is not valid YAML is left alone (None, with a warning)
+    rather than overwritten.
     """
+    import yaml
     from huggingface_hub import ModelCard, ModelCardData
     if existing.is_file():
-        card = ModelCard(existing.read_text(encoding="utf-8"))
+        try:
+            card = ModelCard(existing.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, yaml.YAMLError) as err:
+            warnings.warn(f"{existing}: front matter is not valid YAML ({err}); README.md left unchanged",
+                          stacklevel=4)
+            return None
     else:
         card = ModelCard("---\nlibrary_name: peft\n---\n\n# LoRA adapter\n\nA LoRA adapter in PEFT's format, "
                          "saved by peftlite. Load it with `peftlite.LoraModel.from_pretrained(model, path)` "

@@ -160,6 +160,14 @@ def test_existing_model_card_keeps_its_text(tmp_path):
     assert "# My adapter" in card and "license: mit" in card and "library_name: peft" in card
 
 
+def test_a_model_card_with_broken_front_matter_is_left_alone(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: [mit\n---\nMine.\n")
+    with pytest.warns(UserWarning, match="README.md left unchanged"):
+        save_llama_adapter(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "---\nlicense: [mit\n---\nMine.\n"
+    assert (tmp_path / WEIGHTS).is_file()
+
+
 def test_merged_linear_config_is_written_as_peft_plain_lora_and_read_back(tmp_path):
     config = LoraConfig(r=4, lora_alpha=6, target_modules=["c_attn"], enable_lora=[True, False, True],
                         rank_pattern={"h\\.1\\.attn\\.c_attn": 2}, alpha_pattern={"c_attn": 3.0})
