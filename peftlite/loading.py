@@ -4,6 +4,13 @@ Both validate everything first — every key maps to a module (peft_keys'
 index), every shape and rank matches the config, MergedLinear blocks are
 block-diagonal, modules_to_save are complete — and only then change the
 model, so a failed load or hotswap leaves every module as it was.
+
+The modules that get LoRA are the ones the file holds weights for (the
+config's target_modules chose them when the adapter was trained), so
+options that only steer selection (layers_pattern, exclude_modules, ...)
+cannot make a load disagree with its file. Biases and embedding tables a
+PEFT file carries go into the base model, as PEFT puts them, with a warning
+when they differ from what is there.
 """
 
 from __future__ import annotations
@@ -51,7 +58,9 @@ def _place(lora_model, config: LoraConfig, tensors: dict[str, Tensor], source: s
     return pairs, saved, base
 
 
-def _check_pair(path: str, layer: LoraLayer, parts: dict[str, Tensor], r: int, source: str) -> None:
+def _checked_pair(path: str, layer: LoraLayer, parts: dict[str, Tensor], r: int, source: str
+                  ) -> tuple[Tensor, Tensor]:
+    """A file's (A, B) for `path` checked against rank r, with B in our layout (MergedLinear: unblocked)."""
     missing = [p for p in ("A", "B") if p not in parts]
     if missing:
         raise ValueError(f"{source}: module {path!r} has no lora_{missing[0]} weight: expected both A and B")
@@ -59,6 +68,9 @@ def _check_pair(path: str, layer: LoraLayer, parts: dict[str, Tensor], r: int, s
         if tuple(parts[part].shape) != expected:
             raise ValueError(f"{source}: lora_{part} of {path!r} has shape {tuple(parts[part].shape)}, expected "
                              f"{expected} (r={r} from the config, layer {type(layer).__name__})")
+    if isinstance(layer, MergedLinear):
+        return parts["A"], fused_from_file(layer, parts["B"], f"{source}: lora_B of {path!r}")
+    return parts["A"], parts["B"]
 
 
 def _check_saved(path: str, module, state: dict[str, Tensor], source: str) -> None:
@@ -85,20 +97,16 @@ def _check_base(base: list[tuple[Tensor, Tensor]], source: str) -> list[tuple[Te
     return changed
 
 
-def _copy_pair(layer: LoraLayer, name: str, parts: dict[str, Tensor], source: str, adopt: bool = False) -> None:
-    """Put a file's A and B into adapter `name` of `layer`.
+def _fill(record, lora_A: Tensor, lora_B: Tensor, adopt: bool) -> None:
+    """Put A and B into an adapter record.
 
     adopt=True (a new adapter) takes over the freshly read tensors' storage
-    when dtype and device already match, instead of copying ~all the bytes a
+    when dtype and device already match, instead of copying all the bytes a
     second time; hotswap (adopt=False) copies in place so the Parameter and
     its storage stay the ones a compiled graph captured.
     """
-    record = layer.adapters[name]
-    lora_B = parts["B"]
-    if isinstance(layer, MergedLinear):
-        lora_B = fused_from_file(layer, lora_B, source)
     with torch.no_grad():
-        for param, value in ((record.lora_A, parts["A"]), (record.lora_B, lora_B)):
+        for param, value in ((record.lora_A, lora_A), (record.lora_B, lora_B)):
             if adopt and value.dtype == param.dtype and value.device == param.device:
                 param.data = value
             else:
@@ -129,10 +137,8 @@ def load_adapter(lora_model, model_id_or_path: str, adapter_name: str, is_traina
     root = lora_model.base_model
     pairs, saved, base = _place(lora_model, config, tensors, source)
     layers = lora_model.plan_layers(config, [(path, root.get_submodule(path)) for path in pairs])
-    for path, _, layer in layers:
-        _check_pair(path, layer, pairs[path], config.rank_for(path), source)
-        if isinstance(layer, MergedLinear):
-            fused_from_file(layer, pairs[path]["B"], f"{source}: lora_B of {path!r}")
+    weights = {path: _checked_pair(path, layer, pairs[path], config.rank_for(path), source)
+               for path, _, layer in layers}
     expected_saved = saved_paths(root, config)
     for path in expected_saved:
         _check_saved(path, root.get_submodule(path), saved.get(path, {}), source)
@@ -140,7 +146,7 @@ def load_adapter(lora_model, model_id_or_path: str, adapter_name: str, is_traina
 
     lora_model.install_adapter(adapter_name, config, layers, expected_saved, init=None)
     for path, _, layer in layers:
-        _copy_pair(layer, adapter_name, pairs[path], source, adopt=True)
+        _fill(layer.adapters[adapter_name], *weights[path], adopt=True)
     for path in expected_saved:
         # .get: a module with no state (e.g. an activation) has no keys in the file
         root.get_submodule(path).modules_to_save[adapter_name].load_state_dict(saved.get(path, {}), strict=False)
@@ -169,24 +175,26 @@ def hotswap_adapter(lora_model, model_id_or_path: str, adapter_name: str, **hub_
         differ = sorted(set(pairs) ^ set(layers) | set(saved) ^ set(copies))
         raise ValueError(f"{source}: adapter covers other modules than {adapter_name!r} ({differ[:3]}...): "
                          "hotswap needs the same target modules and modules_to_save")
+    weights = {}
     for path, layer in layers.items():
         if getattr(layer, "enable_lora", None) != config.enable_lora:
             raise ValueError(f"{source}: enable_lora={config.enable_lora!r} but {path!r} has "
                              f"enable_lora={getattr(layer, 'enable_lora', None)!r}")
         record = layer.adapters[adapter_name]
-        _check_pair(path, layer, pairs[path], record.r, source)
+        weights[path] = _checked_pair(path, layer, pairs[path], config.rank_for(path), source)
+        if config.rank_for(path) != record.r:
+            raise ValueError(f"{source}: {path!r} has rank {config.rank_for(path)} in the file, expected "
+                             f"{record.r} (hotswap needs the same ranks)")
         if (record.dropout is None) != (config.lora_dropout == 0):
             raise ValueError(f"{source}: lora_dropout={config.lora_dropout} cannot replace "
                              f"{0 if record.dropout is None else record.dropout.p} in place")
-        if isinstance(layer, MergedLinear):
-            fused_from_file(layer, pairs[path]["B"], f"{source}: lora_B of {path!r}")
     for path, module in copies.items():
         _check_saved(path, module, saved[path], source)
     changed = _check_base(base, source)
 
     for path, layer in layers.items():
-        _copy_pair(layer, adapter_name, pairs[path], source)
         record = layer.adapters[adapter_name]
+        _fill(record, *weights[path], adopt=False)
         record.scaling = config.scaling_for(path)
         if record.dropout is not None:
             record.dropout.p = config.lora_dropout
