@@ -28,6 +28,23 @@ from .layers import LoraLayer, MergedLinear, ModulesToSave
 from .peft_keys import Slot, build_index, file_prefix, file_shapes, fused_from_file, saved_paths, walk
 
 
+HUB_KWARGS = ("revision", "subfolder", "token", "cache_dir", "local_files_only")
+# PEFT load_adapter options about memory or placement only: accepted for drop-in use, with no effect here.
+PEFT_LOAD_OPTIONS = ("low_cpu_mem_usage", "autocast_adapter_dtype", "ephemeral_gpu_offload", "torch_device")
+
+
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The Hub options of a load call; PEFT's placement options dropped with a warning, others refused."""
+    unknown = sorted(k for k in kwargs if k not in HUB_KWARGS and k not in PEFT_LOAD_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown load options {unknown}: expected any of {list(HUB_KWARGS)}")
+    ignored = sorted(k for k in kwargs if k in PEFT_LOAD_OPTIONS)
+    if ignored:
+        warnings.warn(f"ignoring PEFT load options {ignored}: peftlite puts adapters on the base layer's "
+                      "device and dtype and never allocates twice", stacklevel=4)
+    return {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+
+
 def _place(lora_model, config: LoraConfig, tensors: dict[str, Tensor], source: str
            ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]], list[tuple[Tensor, Tensor]]]:
     """Sort a file's tensors by destination: ({path: {"A","B"}}, {path: state}, [(base tensor, value)]).
@@ -132,7 +149,7 @@ def load_adapter(lora_model, model_id_or_path: str, adapter_name: str, is_traina
     structure; only then mutate (new records left uninitialised, then filled).
     """
     lora_model.check_new_adapter(adapter_name)
-    config, tensors, source = read_adapter(model_id_or_path, **hub_kwargs)
+    config, tensors, source = read_adapter(model_id_or_path, **_hub_kwargs(hub_kwargs))
     config = dataclasses.replace(config, inference_mode=not is_trainable)
     root = lora_model.base_model
     pairs, saved, base = _place(lora_model, config, tensors, source)
@@ -164,7 +181,7 @@ def hotswap_adapter(lora_model, model_id_or_path: str, adapter_name: str, **hub_
     if adapter_name in lora_model.merged_adapters():
         raise ValueError(f"adapter {adapter_name!r} is merged: unmerge_adapter() before hotswapping it")
     old = lora_model.peft_config[adapter_name]
-    config, tensors, source = read_adapter(model_id_or_path, **hub_kwargs)
+    config, tensors, source = read_adapter(model_id_or_path, **_hub_kwargs(hub_kwargs))
     config = dataclasses.replace(config, inference_mode=old.inference_mode)
     pairs, saved, base = _place(lora_model, config, tensors, source)
     layers = {path: m for path, m in walk(lora_model.base_model)

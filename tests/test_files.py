@@ -117,6 +117,17 @@ def test_failed_load_raises_and_changes_nothing(tmp_path, case):
     assert_unchanged(base, before)
 
 
+def test_load_options(tmp_path):
+    saved = save_llama_adapter(tmp_path)
+    model = get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"unknown load options \['revison'\]"):
+        model.load_adapter(str(tmp_path), "a", revison="main")
+    with pytest.warns(UserWarning, match="low_cpu_mem_usage"):  # PEFT's, accepted for drop-in use
+        model.load_adapter(str(tmp_path), "a", low_cpu_mem_usage=True)
+    model.set_adapter("a")
+    torch.testing.assert_close(logits(model), logits(saved), atol=1e-6, rtol=0)
+
+
 def test_merged_linear_that_is_no_longer_block_diagonal_is_refused(tmp_path):
     model = get_lora_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], enable_lora=[True, False, True],
                                                    init_lora_weights=False))
