@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+from pathlib import Path
 
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from peftlite import LoraConfig, get_lora_model
-from tiny_models import MLP, assert_same_fingerprint, model_fingerprint, tiny_gpt2, token_batch
+from peftlite import LoraConfig, LoraModel, get_lora_model
+from tiny_models import MLP, assert_same_fingerprint, model_fingerprint, one_torch_thread, tiny_gpt2, token_batch
 
 X = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with one_torch_thread():
+        yield
 
 
 def two_adapter_mlp():
@@ -236,3 +245,223 @@ def test_merge_and_unload_of_a_merged_adapter_merges_it_once():
     model.merge_adapter()
     plain = model.merge_and_unload()
     torch.testing.assert_close(plain(X), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- mixed batches: adapter_names in forward and generate ---------------------------------------
+BAD_ADAPTER_NAMES = [
+    (["default"] * 3, ValueError, ["3 entries", "4 samples"]),
+    (["default"] * 5, ValueError, ["5 entries", "4 samples"]),
+    ([], ValueError, ["empty"]),
+    ("default", ValueError, ["adapter_names='default'", "list"]),
+    ({"default": 1}, ValueError, ["adapter_names={'default': 1}", "list"]),
+    (["default", None, "other", "other"], ValueError, ["None", "string"]),
+    (["default", "missing", "other", "other"], KeyError, ["'missing'", "'default'", "'__base__'"]),
+    (["default", "Default", "other", "other"], KeyError, ["'Default'"]),
+]
+
+
+@pytest.mark.parametrize("names,error,words", BAD_ADAPTER_NAMES, ids=[repr(c[0]) for c in BAD_ADAPTER_NAMES])
+def test_bad_adapter_names_in_forward_change_nothing(names, error, words):
+    model = two_adapter_mlp().eval()
+    with torch.no_grad():
+        assert_fails_unchanged(model, lambda m: m(X, adapter_names=names), error, *words)
+
+
+def test_adapter_names_refused_in_training_mode_or_while_merged():
+    model = two_adapter_mlp().train()
+    names = ["default", "other", "__base__", "other"]
+    assert_fails_unchanged(model, lambda m: m(X, adapter_names=names), ValueError, "training mode")
+    model.eval()
+    model.merge_adapter()
+    with torch.no_grad():
+        assert_fails_unchanged(model, lambda m: m(X, adapter_names=names), ValueError, "merged")
+
+
+def test_bad_adapter_names_in_generate():
+    model = get_lora_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], init_lora_weights=False)).eval()
+    ids = token_batch(batch=2, length=4)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=1)
+    for names, error, word in ((["default"], ValueError, "2 samples"), (["default", "x"], KeyError, "'x'")):
+        assert_fails_unchanged(model, lambda m: m.generate(ids, adapter_names=names, **kwargs), error, word,
+                               inputs=(ids,))
+
+
+# ---- adapter files -------------------------------------------------------------------------------
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+A_KEY = "base_model.model.lin1.lora_A.weight"
+B_KEY = "base_model.model.lin1.lora_B.weight"
+
+
+@pytest.fixture
+def saved_dir(tmp_path):
+    """A valid peftlite adapter for MLP (lin1, r=4) in tmp_path/adapter."""
+    model = get_lora_model(MLP(seed=5), LoraConfig(r=4, target_modules=["lin1"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def set_config(directory, **changes):
+    data = json.loads((directory / CONFIG).read_text())
+    data.update(changes)
+    (directory / CONFIG).write_text(json.dumps(data))
+
+
+def set_weights(directory, change):
+    tensors = load_file(directory / WEIGHTS)
+    change(tensors)
+    save_file(tensors, directory / WEIGHTS)
+
+
+def safetensors_header(directory) -> tuple[dict, bytes]:
+    data = (directory / WEIGHTS).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]), data[8 + size:]
+
+
+def lying_offsets(directory):
+    header, body = safetensors_header(directory)
+    header[A_KEY]["data_offsets"] = [0, 10 ** 12]
+    raw = json.dumps(header).encode()
+    (directory / WEIGHTS).write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+
+
+# (how to spoil the adapter directory d, expected error, words the message must contain)
+BAD_FILES = {
+    "config: deeply nested JSON": (lambda d: (d / CONFIG).write_text("[" * 100_000 + "]" * 100_000),
+                                   ValueError, ["not valid JSON"]),
+    "config: empty file": (lambda d: (d / CONFIG).write_text(""), ValueError, ["not valid JSON"]),
+    "config: binary junk": (lambda d: (d / CONFIG).write_bytes(b"\xff\xfe\x00junk"), ValueError, ["not valid JSON"]),
+    "config: a string": (lambda d: (d / CONFIG).write_text('"LORA"'), ValueError, ["expected a JSON object"]),
+    "config: null": (lambda d: (d / CONFIG).write_text("null"), ValueError, ["expected a JSON object"]),
+    "config: NaN alpha": (lambda d: set_config(d, lora_alpha=math.nan), ValueError, ["lora_alpha=nan"]),
+    "config: r as a string": (lambda d: set_config(d, r="4"), ValueError, ["r='4'"]),
+    "config: target_modules junk": (lambda d: set_config(d, target_modules=7), ValueError, ["target_modules=7"]),
+    "config: another peft_type": (lambda d: set_config(d, peft_type="LOHA"), ValueError, ["'LOHA'", "'LORA'"]),
+    "config: a directory": (lambda d: (d / CONFIG).unlink() or (d / CONFIG).mkdir(), FileNotFoundError, [CONFIG]),
+    "weights: empty file": (lambda d: (d / WEIGHTS).write_bytes(b""), ValueError, ["not a readable safetensors"]),
+    "weights: header size 2**62": (lambda d: (d / WEIGHTS).write_bytes((2 ** 62).to_bytes(8, "little") + b"{}"),
+                                   ValueError, ["not a readable safetensors"]),
+    "weights: header not JSON": (lambda d: (d / WEIGHTS).write_bytes((9).to_bytes(8, "little") + b"not json!"),
+                                 ValueError, ["not a readable safetensors"]),
+    "weights: offsets past the end": (lying_offsets, ValueError, ["not a readable safetensors"]),
+    "weights: only lora_A": (lambda d: set_weights(d, lambda t: t.pop(B_KEY)), ValueError, ["'lin1'", "lora_B"]),
+    "weights: rank 8 for r=4": (lambda d: set_weights(d, lambda t: t.update({A_KEY: torch.zeros(8, 20),
+                                                                              B_KEY: torch.zeros(20, 8)})),
+                                ValueError, ["(8, 20)", "(4, 20)", "r=4"]),
+    "weights: wrong in_features": (lambda d: set_weights(d, lambda t: t.update({A_KEY: torch.zeros(4, 21)})),
+                                   ValueError, ["(4, 21)", "(4, 20)"]),
+    "weights: a module the model lacks": (lambda d: set_weights(d, lambda t: t.update(
+        {"base_model.model.decoder.lora_A.weight": torch.zeros(4, 20)})), ValueError, ["decoder"]),
+    "weights: on a ReLU": (lambda d: set_weights(d, lambda t: t.update(
+        {"base_model.model.relu.lora_A.weight": torch.zeros(4, 20)})), ValueError, ["relu"]),
+    "weights: no LoRA tensors": (lambda d: save_file({}, d / WEIGHTS), ValueError, ["no LoRA weights"]),
+    "weights: only a base bias": (lambda d: save_file({"base_model.model.lin1.bias": torch.zeros(20)}, d / WEIGHTS),
+                                  ValueError, ["no LoRA weights"]),
+    "weights: missing": (lambda d: (d / WEIGHTS).unlink(), FileNotFoundError, [WEIGHTS, "adapter_model.bin"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_adapter_file_is_named_and_changes_nothing(saved_dir, case):
+    spoil, error, words = BAD_FILES[case]
+    spoil(saved_dir)
+    assert_fails_unchanged(two_adapter_mlp(), lambda m: m.load_adapter(str(saved_dir), "new"), error, *words)
+    assert_fails_unchanged(MLP(), lambda m: LoraModel.from_pretrained(m, str(saved_dir)), error, *words)
+
+
+def test_missing_directory_and_repo(tmp_path):
+    missing = tmp_path / "no-such-adapter"
+    assert_fails_unchanged(two_adapter_mlp(), lambda m: m.load_adapter(str(missing), "new"), FileNotFoundError,
+                           "no-such-adapter")
+    for repo in ("someone/no-such-adapter", "no-such-adapter"):
+        assert_fails_unchanged(
+            MLP(), lambda m: LoraModel.from_pretrained(m, repo, local_files_only=True, cache_dir=str(tmp_path)),
+            FileNotFoundError, repr(repo))
+
+
+def test_a_stateless_module_to_save_loads(saved_dir):
+    """modules_to_save naming a module with no parameters (no keys in the file) once raised KeyError mid-load."""
+    set_config(saved_dir, modules_to_save=["relu"])
+    model = LoraModel.from_pretrained(MLP(), str(saved_dir))
+    assert set(model.peft_config) == {"default"}
+    assert type(model.base_model.relu).__name__ == "ModulesToSave"
+
+
+def peft_adapter(tmp_path, kind: str):
+    """A real adapter of another PEFT method, saved by peft itself."""
+    if kind == "prefix tuning":
+        model = peft.get_peft_model(tiny_gpt2(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    else:
+        config = {"IA3": lambda: peft.IA3Config(target_modules=["lin1"], feedforward_modules=[]),
+                  "AdaLoRA": lambda: peft.AdaLoraConfig(target_modules=["lin1"], total_step=10, init_r=4),
+                  "LoHa": lambda: peft.LoHaConfig(target_modules=["lin1"], r=4)}[kind]()
+        model = peft.get_peft_model(MLP(), config)
+    model.save_pretrained(tmp_path / kind)
+    return tmp_path / kind
+
+
+@pytest.mark.parametrize("kind,peft_type", [("IA3", "IA3"), ("AdaLoRA", "ADALORA"), ("LoHa", "LOHA"),
+                                            ("prefix tuning", "PREFIX_TUNING")])
+def test_an_adapter_of_another_peft_method_is_refused(tmp_path, kind, peft_type):
+    """AdaLoRA is the sly one: its file has lora_A/lora_B keys, but its math differs."""
+    directory = peft_adapter(tmp_path, kind)
+    model = (get_lora_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"])) if kind == "prefix tuning"
+             else two_adapter_mlp())
+    inputs = (token_batch(),) if kind == "prefix tuning" else (X,)
+    assert_fails_unchanged(model, lambda m: m.load_adapter(str(directory), "new"), ValueError,
+                           f"peft_type={peft_type!r}", "'LORA'", inputs=inputs)
+
+
+class Payload:
+    """Unpickling this opens (creates) the marker file: a loader that unpickles runs our code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("fmt", ["torch zip", "torch legacy", "raw pickle"])
+def test_a_malicious_pickle_is_never_executed(saved_dir, tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    poisoned = {A_KEY: Payload(marker), B_KEY: torch.zeros(20, 4)}
+    path = saved_dir / "adapter_model.bin"
+    if fmt == "raw pickle":
+        path.write_bytes(pickle.dumps(poisoned))
+    else:
+        torch.save(poisoned, path, _use_new_zipfile_serialization=fmt == "torch zip")
+    # With safetensors present the .bin is never opened; without, it is refused by the weights-only loader.
+    LoraModel.from_pretrained(MLP(), str(saved_dir))
+    assert not marker.exists()
+    (saved_dir / WEIGHTS).unlink()
+    assert_fails_unchanged(two_adapter_mlp(), lambda m: m.load_adapter(str(saved_dir), "new"), ValueError,
+                           "adapter_model.bin", "weights-only")
+    assert not marker.exists(), "unpickling ran code from the adapter file"
+    # The payload is real: a plain unpickle would have run it.
+    pickle.loads(pickle.dumps(Payload(marker))).close()
+    assert marker.exists()
+
+
+def test_load_adapter_checks_the_name_before_reading_anything(tmp_path):
+    """A bad or taken name is reported as such, even for a path that does not exist."""
+    missing = str(tmp_path / "missing")
+    for name, word in (("a/b", "letters, digits"), ("", "letters, digits"), ("__base__", "reserved"),
+                       ("other", "already exists")):
+        assert_fails_unchanged(two_adapter_mlp(), lambda m: m.load_adapter(missing, name), ValueError, repr(name), word)
+
+
+def test_unknown_adapter_names_when_saving_pushing_or_hotswapping(saved_dir, tmp_path):
+    out = tmp_path / "out"
+    calls = {
+        "save_pretrained": lambda m: m.save_pretrained(out, selected_adapters=["default", "missing"]),
+        "save_pretrained(str)": lambda m: m.save_pretrained(out, selected_adapters="missing"),
+        "push_to_hub": lambda m: m.push_to_hub("someone/repo", adapter_name="missing"),
+        "hotswap_adapter": lambda m: m.hotswap_adapter(str(saved_dir), "missing"),
+    }
+    for call in calls.values():
+        assert_fails_unchanged(two_adapter_mlp(), call, KeyError, "'missing'", "'default'")
+    assert_fails_unchanged(two_adapter_mlp(), lambda m: m.save_pretrained(out, selected_adapters=5), ValueError,
+                           "selected_adapters=5")
+    assert not out.exists()
