@@ -107,7 +107,7 @@ def check_adapter_names(lora_model: "LoraModel", adapter_names: Any) -> list[str
                 f"unknown adapter {name!r} in adapter_names: loaded adapters are "
                 f"{sorted(lora_model.peft_config)} (or {BASE_NAME!r} for none)"
             )
-    if lora_model.training or lora_model.base_model.training:
+    if lora_model.base_model.training:
         raise ValueError("adapter_names cannot be used in training mode: call model.eval() first")
     if lora_model.adapter_state.merged_count:
         raise ValueError("adapter_names cannot be used while adapters are merged: call unmerge_adapter() first")

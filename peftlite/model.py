@@ -146,9 +146,11 @@ class LoraModel(nn.Module):
             model.requires_grad_(False)
         for path, module, layer in layers:
             if layer is not module:
+                layer.training = module.training  # a new wrapper keeps its base's mode: no dropout in eval
                 _replace(model, path, layer)
             layer.add_adapter(adapter_name, config.rank_for(path), config.scaling_for(path),
                               config.lora_dropout, init, config.merge_weights)
+            layer.adapters[adapter_name].train(layer.training)
             layer.adapters[adapter_name].requires_grad_(not config.inference_mode)
             if config.bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(not config.inference_mode)
@@ -156,6 +158,7 @@ class LoraModel(nn.Module):
             module = model.get_submodule(path)
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module, state)
+                module.training = module.original_module.training
                 _replace(model, path, module)
             module.add_adapter(adapter_name)
             module.modules_to_save[adapter_name].requires_grad_(not config.inference_mode)

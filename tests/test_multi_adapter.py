@@ -72,7 +72,7 @@ CASES = {
     "linear-same-rank": (tiny_llama, {n: dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS) for n in "abc"},
                          tokens),
     "linear-ranks-and-targets-differ": (tiny_llama, {
-        "a": dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
+        "a": dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.3),  # no dropout in eval
         "b": dict(r=8, lora_alpha=4, target_modules=["q_proj", "down_proj"]),
         "c": dict(r=2, lora_alpha=2, target_modules=["v_proj"], use_rslora=True),
     }, tokens),
@@ -131,6 +131,19 @@ def test_mixed_batch_equals_peft_mixed_batch():
         names = ["p1", "p2", "__base__", "p1", "p3"]
         torch.testing.assert_close(lite(ids, adapter_names=names).logits,
                                    reference(ids, adapter_names=names).logits, atol=ATOL, rtol=0)
+
+
+def test_a_model_wrapped_in_eval_mode_takes_mixed_batches_without_dropout():
+    """get_lora_model keeps the base's eval mode, so adapters (lora_dropout=0.5) run deterministically."""
+    model = get_lora_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"],
+                                                    init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, lora_dropout=0.5, target_modules=["v_proj"], init_lora_weights=False))
+    ids = token_batch(3, 8)
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=["b", "a", "b"]).logits
+        for i, name in enumerate(["b", "a", "b"]):
+            model.set_adapter(name)
+            torch.testing.assert_close(mixed[i], model(ids[i:i + 1]).logits[0], atol=ATOL, rtol=0)
 
 
 def test_all_samples_on_one_adapter_equals_the_single_adapter_path():
