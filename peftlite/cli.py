@@ -252,6 +252,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         if max(examples.labels) >= classes:
             raise UsageError(f"label id {max(examples.labels)} in {args.data!r} is out of range: "
                              f"the adapter's head has {classes} labels")
+    import torch
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     return training.evaluate(model, tokenizer, examples, args.task, args.max_length, args.batch_size)
 
 

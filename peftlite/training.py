@@ -323,10 +323,12 @@ def evaluate(model: nn.Module, tokenizer, examples: Examples, task: str, max_len
              batch_size: int = 16) -> dict:
     """{"accuracy": correct / n} for seq-cls; {"perplexity": exp(summed token NLL / tokens)} for causal LM."""
     model.eval()
+    device = next(model.parameters()).device
     loader = make_loader(tokenizer, examples, task, max_length, batch_size)
     correct = count = 0
     nll = 0.0
     for batch in tqdm(loader, desc="eval"):
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits
         if task == "seq-cls":
