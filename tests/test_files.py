@@ -164,6 +164,15 @@ def test_layout_config_and_model_card(tmp_path):
         model.save_pretrained(tmp_path / "x", selected_adapters=["third"])
 
 
+def test_save_options(tmp_path):
+    model = get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "not-main", is_main_process=False)  # another process writes
+    assert not (tmp_path / "not-main").exists()
+    with pytest.raises(ValueError, match="safe_serialization=False"):  # writing pickle is never offered
+        model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert not (tmp_path / "bin").exists()
+
+
 def test_existing_model_card_keeps_its_text(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n\n# My adapter\n\nNotes.\n")
     save_llama_adapter(tmp_path)
