@@ -137,10 +137,24 @@ class LoraModel(nn.Module):
     def install_adapter(self, adapter_name: str, config: LoraConfig,
                         layers: list[tuple[str, nn.Module, LoraLayer]], saved: list[str],
                         init: bool | str | None) -> None:
-        """Apply a plan from `plan_layers`: the mutating half of add_adapter, which cannot fail.
+        """Apply a plan from `plan_layers`: the mutating half of add_adapter.
 
         init=None leaves the new A/B uninitialised for a loader that fills them.
+        Input errors were all raised by the plan; what can still fail here is
+        allocation (out of memory for A/B), and then every change is undone
+        before the error propagates, so even that leaves the model as it was.
         """
+        model = self.base_model
+        trainable = [(param, param.requires_grad) for param in model.parameters()]
+        wrapped = {path for path in saved if isinstance(model.get_submodule(path), ModulesToSave)}
+        try:
+            self._install(adapter_name, config, layers, saved, init)
+        except BaseException:
+            self._undo_install(adapter_name, layers, saved, wrapped, trainable)
+            raise
+
+    def _install(self, adapter_name: str, config: LoraConfig, layers: list[tuple[str, nn.Module, LoraLayer]],
+                 saved: list[str], init: bool | str | None) -> None:
         model, state = self.base_model, self.adapter_state
         if not self.peft_config:
             model.requires_grad_(False)
@@ -168,6 +182,26 @@ class LoraModel(nn.Module):
                 if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
                     param.requires_grad_(not config.inference_mode)
         self.peft_config[adapter_name] = config
+
+    def _undo_install(self, adapter_name: str, layers: list[tuple[str, nn.Module, LoraLayer]], saved: list[str],
+                      wrapped: set[str], trainable: list[tuple[nn.Parameter, bool]]) -> None:
+        """Take back a partial `_install`: records, new wrappers, requires_grad flags, the config entry."""
+        model = self.base_model
+        for path, module, layer in layers:
+            if adapter_name in layer.adapters:
+                del layer.adapters[adapter_name]
+            if layer is not module and model.get_submodule(path) is layer:
+                _replace(model, path, module)
+        for path in saved:
+            current = model.get_submodule(path)
+            if isinstance(current, ModulesToSave):
+                if adapter_name in current.modules_to_save:
+                    del current.modules_to_save[adapter_name]
+                if path not in wrapped:
+                    _replace(model, path, current.original_module)
+        for param, requires_grad in trainable:
+            param.requires_grad_(requires_grad)
+        self.peft_config.pop(adapter_name, None)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the one that runs: O(1), one assignment on the shared state."""

@@ -465,3 +465,32 @@ def test_unknown_adapter_names_when_saving_pushing_or_hotswapping(saved_dir, tmp
     assert_fails_unchanged(two_adapter_mlp(), lambda m: m.save_pretrained(out, selected_adapters=5), ValueError,
                            "selected_adapters=5")
     assert not out.exists()
+
+
+# ---- failures past validation --------------------------------------------------------------------
+def fail_on_call(number: int, real):
+    """A stand-in for `real` that raises like an out-of-memory allocation on its `number`-th call."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise RuntimeError("simulated: out of memory allocating lora_A")
+        return real(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("where,number", [("LoraLayer.add_adapter", 3), ("ModulesToSave.add_adapter", 1)])
+def test_an_allocation_failure_midway_is_undone(monkeypatch, where, number):
+    """Validation cannot foresee running out of memory; the partial change is taken back instead."""
+    import peftlite.layers as layers
+    cls = getattr(layers, where.split(".")[0])
+    real = cls.add_adapter
+    config = LoraConfig(target_modules=["lin0", "lin1", "head"], bias="all", modules_to_save=["relu"])
+    # lin0 and lin1 already carry LoRA; head and relu get new wrappers; every bias becomes trainable.
+    model = two_adapter_mlp()
+    monkeypatch.setattr(cls, "add_adapter", fail_on_call(number, real))
+    assert_fails_unchanged(model, lambda m: m.add_adapter("new", config), RuntimeError, "out of memory")
+    # The first adapter too: the frozen model's requires_grad flags come back.
+    monkeypatch.setattr(cls, "add_adapter", fail_on_call(number, real))
+    assert_fails_unchanged(MLP(), lambda m: get_lora_model(m, config), RuntimeError, "out of memory")
