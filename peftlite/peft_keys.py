@@ -135,7 +135,7 @@ def adapter_tensors(lora_model, adapter_name: str) -> dict[str, Tensor]:
 
 
 def _base_tensors(root: nn.Module, prefix: str) -> Iterator[tuple[str, Tensor]]:
-    """The base model's own parameters under their PEFT keys (LoRA layers: both `x` and `base_layer.x`)."""
+    """The base model's own parameters under their PEFT keys (`<path>.base_layer.x` on a LoRA layer)."""
     for path, module in walk(root):
         if isinstance(module, ModulesToSave):
             continue
