@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .config import check_adapter_name
+from .config import _is_number, check_adapter_name
 
 if TYPE_CHECKING:
     from .layers import LoraAdapter, LoraLayer
@@ -91,8 +91,7 @@ def _check_request(lora_model: "LoraModel", adapters: list[str], weights: list[f
     for name in adapters:
         lora_model.check_adapter(name)
     if (isinstance(weights, str) or not isinstance(weights, (list, tuple)) or len(weights) != len(adapters)
-            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
-                       for w in weights)):
+            or not all(_is_number(w) for w in weights)):  # _is_number: finite, and no int too large for a float
         raise ValueError(f"weights={weights!r} is invalid: expected {len(adapters)} finite numbers, one per adapter")
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type={combination_type!r} is invalid: expected one of {list(COMBINATION_TYPES)}")
@@ -143,7 +142,14 @@ def add_weighted_adapter(lora_model: "LoraModel", adapters: list[str], weights: 
             lora_A, lora_B = combine_cat(pairs)
         else:
             lora_A, lora_B = combine_svd(pairs, new_rank)
-        planned[path] = _pad_rank(lora_A, lora_B, new_rank)
+        planned[path] = lora_A, lora_B
+    if not all(torch.isfinite(t).all() for pair in planned.values() for t in pair):
+        raise ValueError(f"weights={weights!r} make the combined A/B overflow to Inf or NaN: expected smaller weights")
+    largest = max(A.shape[1] for A, _ in planned.values())
+    if combination_type == "svd" and new_rank > largest:
+        raise ValueError(f"svd_rank={new_rank} is larger than any layer's combined update can have (at most "
+                         f"{largest}): expected svd_rank <= {largest}")
+    planned = {path: _pad_rank(lora_A, lora_B, new_rank) for path, (lora_A, lora_B) in planned.items()}
 
     configs = [lora_model.peft_config[name] for name in adapters]
     saved = list(dict.fromkeys(m for config in configs for m in (config.modules_to_save or [])))

@@ -494,3 +494,18 @@ def test_an_allocation_failure_midway_is_undone(monkeypatch, where, number):
     # The first adapter too: the frozen model's requires_grad flags come back.
     monkeypatch.setattr(cls, "add_adapter", fail_on_call(number, real))
     assert_fails_unchanged(MLP(), lambda m: get_lora_model(m, config), RuntimeError, "out of memory")
+
+
+def test_add_weighted_adapter_bad_numbers_change_nothing():
+    """Weights and svd_rank past what floats and shapes can hold are ValueErrors (were OverflowError/TypeError)."""
+    model = get_lora_model(MLP(), LoraConfig(r=2, target_modules=["lin0"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["lin0"], init_lora_weights=False))
+    calls = [
+        (lambda m: m.add_weighted_adapter(["default"], [10 ** 400], "mix"), ["weights=[1000"]),
+        (lambda m: m.add_weighted_adapter(["default", "other"], [1e308, 1e308], "mix", "cat"), ["1e+308", "Inf"]),
+        (lambda m: m.add_weighted_adapter(["default", "other"], [1, 1], "mix", "svd", 10 ** 20), ["svd_rank=1000"]),
+    ]
+    for call, words in calls:
+        assert_fails_unchanged(model, call, ValueError, *words)
+    assert_fails_unchanged(model, lambda m: m.add_weighted_adapter(["default", "missing"], [1, 1], "mix", "cat"),
+                           KeyError, "'missing'")
