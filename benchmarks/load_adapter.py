@@ -79,7 +79,8 @@ def main() -> None:
     quarter = max(1, len(rows) // 4)
     print(f"load_adapter, Llama-style 4x512, 7 targets r=16, K={args.k}, torch threads={args.threads}")
     for clock, label_clock in ((0, "wall"), (1, "CPU")):
-        print(f"{label_clock + ' medians':>20} {'raw ms':>8} {'peftlite ms':>12} {'x raw':>6} {'PEFT ms':>9} {'x raw':>6}")
+        header = f"{label_clock + ' medians':>20} {'raw ms':>8} {'peftlite ms':>12} {'x raw':>6}"
+        print(f"{header} {'PEFT ms':>9} {'x raw':>6}")
         for label, part in (("loads 2..K/4", rows[:quarter]), ("last K/4 loads", rows[-quarter:]), ("all", rows)):
             raw, ours, theirs = (statistics.median(t[clock] for t in col) for col in zip(*part))
             print(f"{label:>20} {raw:8.2f} {ours:12.2f} {ours / raw:6.1f} {theirs:9.2f} {theirs / raw:6.1f}")

@@ -146,8 +146,9 @@ def _read_json(path: str) -> Any:
 
 
 # ---- weights ------------------------------------------------------------------------------------
-def read_weights(model_id_or_path: str, **hub_kwargs: Any) -> tuple[dict[str, Tensor], str]:
-    """(tensors, file path): safetensors if present, else a legacy .bin read with weights_only=True."""
+def read_weights(model_id_or_path: str, device: str | torch.device = "cpu",
+                 **hub_kwargs: Any) -> tuple[dict[str, Tensor], str]:
+    """(tensors on `device`, file path): safetensors if present, else a legacy .bin read with weights_only=True."""
     try:
         path = hub.resolve(model_id_or_path, WEIGHTS_NAME, **hub_kwargs)
     except FileNotFoundError as missing:
@@ -157,12 +158,12 @@ def read_weights(model_id_or_path: str, **hub_kwargs: Any) -> tuple[dict[str, Te
             raise FileNotFoundError(f"{missing} (and no legacy {LEGACY_WEIGHTS_NAME} either)") from None
     else:
         try:
-            return load_file(path), path
+            return load_file(path, device=str(device)), path
         except (SafetensorError, OSError, RuntimeError) as err:
             raise ValueError(f"{path}: not a readable safetensors file ({err}); expected PEFT's "
                              f"{WEIGHTS_NAME}") from None
     try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises pickle, zip and runtime errors alike for a bad file
         raise ValueError(f"{path}: not a readable weights-only torch file ({err})") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
@@ -170,10 +171,11 @@ def read_weights(model_id_or_path: str, **hub_kwargs: Any) -> tuple[dict[str, Te
     return tensors, path
 
 
-def read_adapter(model_id_or_path: str, **hub_kwargs: Any) -> tuple[LoraConfig, dict[str, Tensor], str]:
-    """(config, tensors under PEFT's keys, weights path) of one saved adapter."""
+def read_adapter(model_id_or_path: str, device: str | torch.device = "cpu",
+                 **hub_kwargs: Any) -> tuple[LoraConfig, dict[str, Tensor], str]:
+    """(config, tensors under PEFT's keys on `device`, weights path) of one saved adapter."""
     config = read_config(model_id_or_path, **hub_kwargs)
-    tensors, path = read_weights(model_id_or_path, **hub_kwargs)
+    tensors, path = read_weights(model_id_or_path, device, **hub_kwargs)
     return config, tensors, path
 
 

@@ -45,6 +45,12 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
 
 
+def _weights_device(lora_model) -> torch.device:
+    """Read weights straight onto the model's device (one copy fewer on a GPU); never onto "meta"."""
+    param = next(lora_model.base_model.parameters(), None)
+    return param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
+
+
 def _place(lora_model, config: LoraConfig, tensors: dict[str, Tensor], source: str
            ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]], list[tuple[Tensor, Tensor]]]:
     """Sort a file's tensors by destination: ({path: {"A","B"}}, {path: state}, [(base tensor, value)]).
@@ -149,7 +155,7 @@ def load_adapter(lora_model, model_id_or_path: str, adapter_name: str, is_traina
     structure; only then mutate (new records left uninitialised, then filled).
     """
     lora_model.check_new_adapter(adapter_name)
-    config, tensors, source = read_adapter(model_id_or_path, **_hub_kwargs(hub_kwargs))
+    config, tensors, source = read_adapter(model_id_or_path, _weights_device(lora_model), **_hub_kwargs(hub_kwargs))
     config = dataclasses.replace(config, inference_mode=not is_trainable)
     root = lora_model.base_model
     pairs, saved, base = _place(lora_model, config, tensors, source)

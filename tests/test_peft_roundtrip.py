@@ -112,7 +112,8 @@ def test_saved_by_peftlite_loads_in_peft(tmp_path, name, factory, inputs, fields
     peft_model = PeftModel.from_pretrained(factory(), str(tmp_path), is_trainable=is_trainable).eval()
     torch.testing.assert_close(logits(peft_model, inputs), expected, atol=1e-5, rtol=0)
     if is_trainable:
-        assert trainable(LoraModel.from_pretrained(factory(), str(tmp_path), is_trainable=True)) == trainable(peft_model)
+        reloaded = LoraModel.from_pretrained(factory(), str(tmp_path), is_trainable=True)
+        assert trainable(reloaded) == trainable(peft_model)
 
 
 @pytest.mark.parametrize("name,factory,inputs,fields", CASES, ids=IDS)
