@@ -348,19 +348,12 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect":
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (files, columns, values, adapters, Hub access), not a bug."""
-    errors: list[type[BaseException]] = [ValueError, KeyError, OSError]
-    try:
-        from safetensors import SafetensorError
-        errors.append(SafetensorError)
-    except ImportError:
-        pass
-    try:
-        from huggingface_hub.errors import HfHubHTTPError
-        errors.append(HfHubHTTPError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    """Exceptions that mean bad input (files, columns, values, adapters, Hub access), not a bug.
+
+    The Hub client's HTTP and connection errors are OSErrors; safetensors' own error is not.
+    """
+    from safetensors import SafetensorError
+    return ValueError, KeyError, OSError, SafetensorError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

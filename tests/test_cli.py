@@ -373,3 +373,20 @@ def test_merge_without_task_type_or_tokenizer_uses_the_config_architecture(tmp_p
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
     assert not any(name.startswith(".peftlite-merge-") for name in os.listdir(tmp_path))
+
+
+def test_a_hub_failure_while_pushing_is_one_line(work, trained, monkeypatch, capsys):
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def refuse(self, repo_id, **kw):
+        request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+        raise HfHubHTTPError("401 Client Error: Unauthorized (invalid token)",
+                             response=httpx2.Response(401, request=request))
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    with pytest.raises(SystemExit) as exited:
+        main(["push", str(trained[0]), "me/tiny-lora"])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "401" in err
