@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from peftlite import LoraConfig, get_lora_model
@@ -177,3 +177,56 @@ def test_mixed_batch_adapter_names_work_or_change_nothing(mixed_model, names):
         assert len(names) == len(x)
         for row, name in enumerate(names):
             torch.testing.assert_close(out[0][row], references[name][row], rtol=1e-5, atol=1e-6)
+
+
+# ---- adapter files from strangers ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def valid_adapter(tmp_path_factory):
+    """The bytes of a valid adapter for MLP: LoRA on lin0 and lin1 (r=2), head saved in full."""
+    directory = tmp_path_factory.mktemp("valid")
+    model = get_lora_model(MLP(seed=3), LoraConfig(r=2, target_modules=["lin0", "lin1"], modules_to_save=["head"],
+                                                   init_lora_weights=False))
+    model.save_pretrained(directory)
+    return {name: (directory / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True),
+                                     st.text(max_size=5), st.sampled_from(MODULE_NAMES + REGEXES)),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                       max_size=2), max_leaves=5)
+config_fields = st.sampled_from(sorted(FIELDS) + ["peft_type", "use_dora", "task_type", "unknown_key"])
+
+
+@FUZZ
+@given(changes=st.one_of(st.just({}), st.dictionaries(config_fields, json_values, max_size=2)),
+       cut=st.one_of(st.just(None), st.just(None), st.integers(0, 4000)),
+       flips=st.lists(st.tuples(st.one_of(st.integers(0, 400), st.integers(0, 10 ** 6)), st.integers(1, 255)),
+                      max_size=3))
+def test_a_spoiled_adapter_file_loads_or_changes_nothing(valid_adapter, tmp_path_factory, changes, cut, flips):
+    """Config fields set to any JSON, weights truncated anywhere or with bytes flipped (in the header or anywhere)."""
+    import json
+    import warnings
+    directory = tmp_path_factory.mktemp("spoiled")
+    config = json.loads(valid_adapter["adapter_config.json"])
+    config.update(changes)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    weights = bytearray(valid_adapter["adapter_model.safetensors"])
+    for position, value in flips:
+        weights[position % len(weights)] ^= value
+    (directory / "adapter_model.safetensors").write_bytes(bytes(weights[:cut] if cut is not None else weights))
+
+    model = get_lora_model(MLP(), LoraConfig(target_modules=["lin1"], init_lora_weights=False))
+    x = inputs_for("mlp")
+    before, output = model_fingerprint(model), model(*x)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.load_adapter(str(directory), "new")
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        event(f"refused: {type(err).__name__}")
+        assert str(err)
+        assert_same_fingerprint(before, model_fingerprint(model))
+        assert torch.equal(model(*x), output)
+    else:
+        event("loaded")
+        assert set(model.peft_config) == {"default", "new"}
