@@ -111,6 +111,18 @@ def test_resume_restores_every_adapter_of_the_checkpoint(tmp_path):
         assert_same_weights(lora_weights(fresh, name), lora_weights(model, name))
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
+    model = gpt2_lora()
+    trainer = LoraTrainer(model=model, args=training_args(
+        tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # the worst is "best"
+        learning_rate=1e-2), train_dataset=lm_data(), eval_dataset=lm_data(8))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6"), "the last checkpoint would prove nothing"
+    assert_same_weights(lora_weights(model), lora_weights(LoraModel.from_pretrained(tiny_gpt2(), best)))
+
+
 def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
     runs = {}
     for checkpointing in (False, True):
