@@ -145,7 +145,15 @@ class LoraModel(nn.Module):
         before the error propagates, so even that leaves the model as it was.
         """
         model = self.base_model
-        trainable = [(param, param.requires_grad) for param in model.parameters()]
+        # Record only the flags _install can change (all, before the first adapter freezes the base;
+        # biases for bias != "none"), so adding an adapter does not walk every loaded adapter's parameters.
+        if not self.peft_config:
+            touched = list(model.parameters())
+        elif config.bias != "none":
+            touched = [param for name, param in model.named_parameters() if name.endswith("bias")]
+        else:
+            touched = []
+        trainable = [(param, param.requires_grad) for param in touched]
         wrapped = {path for path in saved if isinstance(model.get_submodule(path), ModulesToSave)}
         try:
             self._install(adapter_name, config, layers, saved, init)
