@@ -180,26 +180,29 @@ def _batched_linear_delta(layer: "LoraLayer", routing: Routing, x: Tensor, resul
 
     if not isinstance(layer, Linear) or isinstance(layer, MergedLinear):
         return False
-    adapters = layer.adapters
-    used = [adapters[name] for name in dict.fromkeys(routing.names) if name in adapters]
-    if not used:
-        return True  # no sample has an adapter on this layer: the base output is the answer
-    first = used[0]
-    if any(a.r != first.r or a.lora_A.dtype != first.lora_A.dtype for a in used) or result.dtype != first.lora_A.dtype:
-        return False
-    if x.shape[0] % len(routing.names) or not result.is_contiguous():
-        return False
     batch = len(routing.names)
-    zero_A = first.lora_A.new_zeros(first.lora_A.shape)
-    zero_B = first.lora_B.new_zeros(first.lora_B.shape)
+    if x.shape[0] % batch or not result.is_contiguous():
+        return False
+    adapters = layer.adapters
     records = [adapters[name] if name in adapters else None for name in routing.names]
+    present = [record for record in records if record is not None]
+    if not present:
+        return True  # no sample has an adapter on this layer: the base output is the answer
+    first = present[0]
+    if any(a.r != first.r or a.lora_A.dtype != first.lora_A.dtype for a in present) or result.dtype != first.lora_A.dtype:
+        return False
+    if len(present) < batch:  # "__base__" samples, or adapters not on this layer: A = B = 0, s = 0
+        zero_A, zero_B = first.lora_A.new_zeros(first.lora_A.shape), first.lora_B.new_zeros(first.lora_B.shape)
     lora_A = torch.stack([a.lora_A if a is not None else zero_A for a in records])  # (B, r, in)
     lora_B = torch.stack([a.lora_B if a is not None else zero_B for a in records])  # (B, out, r)
-    scaling = torch.tensor([a.scaling if a is not None else 0.0 for a in records],
-                           dtype=lora_A.dtype, device=lora_A.device).view(batch, 1, 1)
+    scalings = [a.scaling if a is not None else 0.0 for a in records]
     xs = x.to(lora_A.dtype).reshape(batch, -1, x.shape[-1])  # (B, L, in)
-    after_A = torch.bmm(xs, lora_A.mT).mul_(scaling)  # (B, L, r)
-    result.view(batch, -1, result.shape[-1]).baddbmm_(after_A, lora_B.mT)  # (B, L, out) += (B, L, r) @ (B, r, out)
+    after_A = torch.bmm(xs, lora_A.mT)  # (B, L, r)
+    alpha = scalings[0]
+    if any(s != alpha for s in scalings):  # per-sample scaling on the small (B, L, r) term
+        after_A.mul_(torch.tensor(scalings, dtype=after_A.dtype, device=after_A.device).view(batch, 1, 1))
+        alpha = 1.0
+    result.view(batch, -1, result.shape[-1]).baddbmm_(after_A, lora_B.mT, alpha=alpha)  # (B, L, out) += (B, L, r) @ (B, r, out)
     return True
 
 

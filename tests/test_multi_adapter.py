@@ -69,8 +69,8 @@ def as_tensor(output) -> torch.Tensor:
 
 # name -> (model factory, {adapter: config}, inputs(batch)) ; each reaches one kind of layer
 CASES = {
-    "linear-same-rank": (tiny_llama, {n: dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS) for n in "abc"},
-                         tokens),
+    "linear-same-rank": (tiny_llama, {n: dict(r=4, lora_alpha=alpha, target_modules=LLAMA_TARGETS)
+                                      for n, alpha in zip("abc", (8, 3, 8))}, tokens),
     "linear-ranks-and-targets-differ": (tiny_llama, {
         "a": dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, lora_dropout=0.3),  # no dropout in eval
         "b": dict(r=8, lora_alpha=4, target_modules=["q_proj", "down_proj"]),
