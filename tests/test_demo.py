@@ -15,6 +15,14 @@ import pytest
 
 from peftlite import LoraConfig
 from peftlite import demo
+from tiny_models import one_torch_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops: torch's thread pool only adds waiting on a shared 2-core machine."""
+    with one_torch_thread():
+        yield
 
 
 def test_every_sentence_is_labelled_by_its_adjective_and_negation():

@@ -19,8 +19,16 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlite import functional as LF
 from peftlite.layers import AdapterState, Conv2d, Embedding, Linear, MergedLinear, make_lora_layer
+from tiny_models import one_torch_thread
 
 ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops: torch's thread pool only adds waiting on a shared 2-core machine."""
+    with one_torch_thread():
+        yield
 
 
 def seeded(seed: int = 0) -> torch.Generator:

@@ -20,10 +20,17 @@ from torch import nn
 
 from peftlite import LoraConfig, LoraModel, get_lora_model
 from peftlite.layers import LoraLayer, ModulesToSave
-from tiny_models import (LLAMA_TARGETS, MLP, ConvNet, copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_llama,
-                         tiny_vit, token_batch)
+from tiny_models import (LLAMA_TARGETS, MLP, ConvNet, copy_lora_to_peft, one_torch_thread, tiny_bert, tiny_gpt2,
+                         tiny_llama, tiny_vit, token_batch)
 
 ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops: torch's thread pool only adds waiting on a shared 2-core machine."""
+    with one_torch_thread():
+        yield
 
 
 def ids_input() -> dict:
