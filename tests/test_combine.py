@@ -10,16 +10,14 @@ import pytest
 import torch
 
 from peftlite import LoraConfig, get_lora_model
-from tiny_models import LLAMA_TARGETS, MLP, ConvNet, copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import (LLAMA_TARGETS, MLP, ConvNet, copy_lora_to_peft, one_torch_thread, tiny_bert, tiny_gpt2,
+                         tiny_llama, token_batch)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is far faster than two contending."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def token_inputs() -> tuple[torch.Tensor, ...]:

@@ -21,16 +21,13 @@ from torch import nn
 
 from peftlite import LoraConfig, get_lora_model
 from peftlite.batching import active_routing
-from tiny_models import (LLAMA_TARGETS, ConvNet, copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_llama,
-                         token_batch)
+from tiny_models import (LLAMA_TARGETS, MLP, ConvNet, copy_lora_to_peft, one_torch_thread, tiny_bert, tiny_gpt2,
+                         tiny_llama, token_batch)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is ~50× faster than two contending."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 NAMES = ["a", "b", "__base__", "a", "c"]  # "a" twice and apart: the scattered-rows path too
@@ -187,7 +184,6 @@ class _active:
 
 # ---- errors: raised before anything runs, the model left as it was --------------------------------
 def _mlp_model():
-    from tiny_models import MLP
     return with_adapters(MLP(), {n: dict(r=2, target_modules=["lin0", "lin1"]) for n in "ab"})
 
 
