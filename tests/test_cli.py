@@ -29,6 +29,8 @@ from peftlite.cli import describe_adapter, main
 from tiny_models import tiny_bert, tiny_gpt2, tiny_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+# Module fixtures train once; with `pytest -n 2 --dist loadgroup` this file stays on one worker.
+pytestmark = pytest.mark.xdist_group("cli")
 POSITIVE, NEGATIVE = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "dull"]
 WORDS = ["the", "movie", "was", "very", "a", "film", "plot"] + POSITIVE + NEGATIVE
 

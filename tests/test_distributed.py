@@ -28,6 +28,8 @@ from peftlite import LoraModel
 from tiny_models import tiny_bert, tiny_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+# Module fixtures train once; with `pytest -n 2 --dist loadgroup` this file stays on one worker.
+pytestmark = pytest.mark.xdist_group("distributed")
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 WORDS = ["the", "movie", "was", "good", "great", "bad", "awful", "plot", "very"]
 GLOBAL_BATCH, EXAMPLES, EPOCHS = 8, 32, 2
