@@ -41,6 +41,13 @@ class LoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig | None, adapter_name: str = "default") -> None:
         """Wrap `model` with adapter `adapter_name` made from `config` (config=None: no adapter yet, for loading)."""
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model of type {type(model).__name__} is invalid: expected a torch nn.Module")
+        # LoRA layers read their own LoraModel's AdapterState: a second wrapper's set_adapter would not reach them.
+        wrapped = next((path for path, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))), None)
+        if wrapped is not None:
+            raise ValueError(f"model already has LoRA layers (at {wrapped!r}) from another LoraModel: expected a "
+                             "model without LoRA; use that LoraModel's add_adapter/load_adapter, or unload() it first")
         self.base_model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.adapter_state = AdapterState()

@@ -180,6 +180,18 @@ def test_reserved_and_clashing_adapter_names():
                                ValueError, repr(name), "already exists")
 
 
+def test_a_model_that_already_has_lora_is_not_wrapped_again(tmp_path):
+    """Its layers answer to the first LoraModel's switchboard; a second wrapper's set_adapter would not reach them."""
+    first = two_adapter_mlp()
+    first.save_pretrained(tmp_path)
+    for model in (first, first.base_model):
+        for call in (lambda m: get_lora_model(m, LoraConfig(target_modules=["head"])),
+                     lambda m: LoraModel.from_pretrained(m, str(tmp_path))):
+            assert_fails_unchanged(model, call, ValueError, "'", "already has LoRA layers", "unload()")
+    get_lora_model(first.unload(), LoraConfig(target_modules=["head"]))  # once unloaded it is a plain model again
+    assert_fails_unchanged(MLP(), lambda m: get_lora_model("mlp", LoraConfig()), ValueError, "str", "nn.Module")
+
+
 def test_config_that_is_not_a_lora_config():
     for config in ({"r": 4}, peft.LoraConfig(target_modules=["lin1"]), None):
         assert_fails_unchanged(two_adapter_mlp(), lambda m: m.add_adapter("new", config), ValueError,
