@@ -78,6 +78,9 @@ CASES = [
      dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
      ids_input),
     ("bert-default-targets-seq-cls", tiny_bert, dict(r=4, lora_alpha=8, task_type="SEQ_CLS"), ids_input),
+    ("bert-all-linear-seq-cls", tiny_bert, dict(r=2, lora_alpha=4, target_modules="all-linear", task_type="SEQ_CLS"),
+     ids_input),
+    ("bert-all-linear-no-task", tiny_bert, dict(r=2, lora_alpha=4, target_modules="all-linear"), ids_input),
     ("bert-bias-lora-only", tiny_bert, dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="lora_only"),
      ids_input),
     ("bert-bias-all", tiny_bert, dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all"), ids_input),
@@ -209,6 +212,24 @@ def test_no_match_raises_value_error_listing_candidates_and_leaves_the_model_unc
         get_lora_model(model, LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]))
     with pytest.raises(ValueError, match="no default.*'mlp_free'|candidate"):
         get_lora_model(MLP(), LoraConfig())  # a plain module has no model_type default
+
+
+def test_fused_qkv_with_enable_lora_leaves_the_disabled_slice_exact():
+    """GPT-2's c_attn as a MergedLinear: q and v adapt, k's third of the output is the base output bit for bit."""
+    x = ids_input()
+    lite = get_lora_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], enable_lora=[True, False, True],
+                                                  init_lora_weights=False))
+    captured = {}
+    layer = lite.base_model.transformer.h[0].attn.c_attn
+    layer.register_forward_hook(lambda module, args, out: captured.update(x=args[0], out=out))
+    lora_out = run(lite, x)
+    d = lite.config.n_embd
+    base_out = layer.base_layer(captured["x"])
+    assert torch.equal(captured["out"][..., d:2 * d], base_out[..., d:2 * d])
+    assert not torch.allclose(captured["out"][..., :d], base_out[..., :d])
+    assert not torch.allclose(captured["out"][..., 2 * d:], base_out[..., 2 * d:])
+    merged = lite.merge_and_unload()
+    torch.testing.assert_close(run(merged, x), lora_out, atol=ATOL, rtol=1e-5)
 
 
 # ---- merging -------------------------------------------------------------------
