@@ -11,6 +11,8 @@ adapter's parameters, compute the low-rank term (`lora_delta`), compute ΔW
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -192,7 +194,11 @@ class Linear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, state: AdapterState, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, state)
-        self.fan_in_fan_out = fan_in_fan_out or isinstance(base_layer, Conv1D)
+        # The weight layout is a fact of the base layer: Conv1D stores (in, out), nn.Linear (out, in).
+        if fan_in_fan_out and not isinstance(base_layer, Conv1D):
+            warnings.warn("fan_in_fan_out=True ignored for an nn.Linear (its weight is out × in), as PEFT does",
+                          stacklevel=2)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.in_features, self.out_features = _linear_features(base_layer)
         self.slices = ((0, self.out_features),)  # (first output column, width) of each adapter group
 
@@ -291,6 +297,16 @@ class Conv2d(LoraLayer):
     def lora_delta(self, x: Tensor, adapter: LoraAdapter) -> Tensor:
         x = adapter.dropped(x).to(adapter.lora_A.dtype)
         return LF.conv2d_delta(x, adapter.lora_A, adapter.lora_B, adapter.scaling, self.base_layer)
+
+    def fused_forward(self, x: Tensor, adapter: LoraAdapter) -> Tensor | None:
+        """One `LoraConv2dFunction` node for a plain zero-padded conv on a batch (n, in, h, w)."""
+        base = self.base_layer
+        if not (_runs_own_forward(base, nn.Conv2d.forward) and base.padding_mode == "zeros"
+                and not isinstance(base.padding, str) and x.dim() == 4
+                and _same_dtype_no_autocast(x, base.weight, adapter)):
+            return None
+        return LF.lora_conv2d(x, base.weight, base.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                              base.stride, base.padding, base.dilation, adapter.dropout_now())
 
     def delta_weight(self, adapter: LoraAdapter) -> Tensor:
         return LF.conv2d_delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling)

@@ -202,6 +202,24 @@ def test_lora_linear_function_gradcheck(fan_in_fan_out, slices, dropout):
     assert torch.autograd.gradcheck(f, (x, weight.detach(), None, A, B))  # frozen base, no bias
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("stride, padding, dilation", [((1, 1), (1, 1), (1, 1)), ((2, 1), (0, 2), (1, 2))])
+def test_lora_conv2d_function_gradcheck(dropout, stride, padding, dilation):
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    x, weight, A, B = rand(2, 3, 6, 5), rand(4, 3, 3, 3), rand(2, 3, 3, 3), rand(4, 2, 1, 1)
+
+    def f(x, weight, bias, A, B):
+        torch.manual_seed(5)
+        return LF.lora_conv2d(x, weight, bias, A, B, 0.7, stride, padding, dilation, dropout)
+
+    assert torch.autograd.gradcheck(f, (x, weight, rand(4), A, B))
+    assert torch.autograd.gradcheck(f, (x, weight.detach(), None, A, B))
+
+
 def test_dropout_mask_is_the_one_nn_dropout_draws():
     x = torch.randn(5, 7, 11)
     torch.manual_seed(3)
