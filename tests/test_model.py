@@ -63,6 +63,7 @@ CASES = [
     ("llama-layers-to-transform", tiny_llama,
      dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, layers_to_transform=[1]), ids_input),
     ("llama-default-targets", tiny_llama, dict(r=4, lora_alpha=8), ids_input),
+    ("llama-embed-tokens", tiny_llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), ids_input),
     ("llama-all-linear", tiny_llama, dict(r=2, lora_alpha=4, target_modules="all-linear"), ids_input),
     ("llama-exclude-list", tiny_llama,
      dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, exclude_modules=["model.layers.0.self_attn.q_proj", "down_proj"]),
