@@ -141,3 +141,16 @@ def test_unsafe_merge_of_a_finite_adapter_equals_the_written_out_formula():
     expected = layer.weight.detach() + (adapter.lora_B @ adapter.lora_A).detach() * (12 / 4)
     model.merge_adapter(safe_merge=True)
     torch.testing.assert_close(layer.weight.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_fan_in_fan_out_on_a_linear_is_ignored_so_merging_stays_exact():
+    """nn.Linear stores (out, in); a config's fan_in_fan_out=True once transposed ΔW on merge (wrong on a square
+    layer, a shape error on another). As in PEFT it is ignored with a warning."""
+    with pytest.warns(UserWarning, match="fan_in_fan_out=True ignored"):
+        model = get_lora_model(MLP(), LoraConfig(target_modules=["lin1", "lin0"], fan_in_fan_out=True,
+                                                 init_lora_weights=False))
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        expected = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
