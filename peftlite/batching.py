@@ -10,11 +10,14 @@ same model at once with different `adapter_names` and never see each other's
 routing; nothing global is mutated. The variable maps a model's `AdapterState`
 to its routing, so another model called inside the same forward is unaffected.
 
-Why groups: the batch is split once per call (not per layer) into runs of rows
-that share an adapter. A run of consecutive samples is a slice, so the rows
-are a view and the low-rank term is added in place; scattered samples use
-`index_select` / `index_add_`. Each layer then costs one low-rank product per
-adapter present, the same FLOPs as a single-adapter batch.
+Two ways to add each sample's low-rank term, both with a single adapter's FLOPs:
+- a plain Linear whose adapters share one rank (the common case) stacks each
+  sample's A and B and runs one bmm pair, a handful of ops per layer however
+  many adapters the batch mixes (`_batched_linear_delta`);
+- every other layer (fused MergedLinear, Embedding, Conv2d, unequal ranks) runs
+  one low-rank product per group of rows that share an adapter. The groups are
+  computed once per call, not per layer: a run of consecutive samples is a
+  slice (a view, added in place), scattered samples use index_select/index_add_.
 
 Rows: a layer's input has the batch on dim 0, either B rows (one per sample) or
 m·B rows where each sample's rows are adjacent — generate's expansion for
