@@ -96,7 +96,12 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,words", BAD_CONFIGS, ids=[repr(k) for k, _ in BAD_CONFIGS])
+def case_ids(cases) -> list[str]:
+    """Stable test ids (a set's repr changes order between processes, which breaks pytest-xdist)."""
+    return [f"{i}-{words[0]}" for i, (_, words) in enumerate(cases)]
+
+
+@pytest.mark.parametrize("kwargs,words", BAD_CONFIGS, ids=case_ids(BAD_CONFIGS))
 def test_bad_config_value_is_named_and_changes_nothing(kwargs, words):
     kwargs = {"target_modules": ["lin1"], **kwargs}
     assert_fails_unchanged(two_adapter_mlp(), lambda m: m.add_adapter("new", LoraConfig(**kwargs)),
@@ -126,7 +131,7 @@ BAD_FOR_THIS_MODEL = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,words", BAD_FOR_THIS_MODEL, ids=[repr(k) for k, _ in BAD_FOR_THIS_MODEL])
+@pytest.mark.parametrize("kwargs,words", BAD_FOR_THIS_MODEL, ids=case_ids(BAD_FOR_THIS_MODEL))
 def test_config_that_does_not_fit_the_model_changes_nothing(kwargs, words):
     assert_fails_unchanged(two_adapter_mlp(), lambda m: m.add_adapter("new", LoraConfig(**kwargs)),
                            ValueError, *words)
