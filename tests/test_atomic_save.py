@@ -47,7 +47,8 @@ def adapter(seed: int) -> LoraModel:
 # The child saves version 1 over a directory holding version 0. Its hooks, chosen by `stage`,
 # stop it at a fixed point, print PAUSED and wait there to be killed.
 CHILD = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (a `&` job)
     sys.path.insert(0, {tests!r})
     import peftlite.files as files
     from test_atomic_save import adapter
