@@ -17,7 +17,7 @@ Wall and CPU time (this process) are both printed: on a shared, overloaded CPU
 the wall clock mostly measures preemption, the CPU time the work done.
 Variants are interleaved in every repetition so load drifts hit all alike.
 
-    .venv/bin/python benchmarks/multi_adapter.py [--k 32] [--reps 7] [--threads 1]
+    .venv/bin/python benchmarks/multi_adapter.py [--k 32] [--reps 11] [--threads 1]
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def bench_mixed(lite: LoraModel, peft: PeftModel, names: list[str], reps: int, b
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
