@@ -71,25 +71,30 @@ class Stepper:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         self.ids = torch.randint(2, 8192, (BATCH, seq), generator=torch.Generator().manual_seed(1))
 
-    def step(self) -> float:
-        start = time.perf_counter()
+    def step(self) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) of one step."""
+        start, cpu = time.perf_counter(), time.process_time()
         loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
-def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, float]:
-    """Median step seconds per config, steps interleaved across configs round by round."""
+def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) step seconds per config, steps interleaved across configs round by round.
+
+    CPU time (both threads summed) is printed beside wall time because on a shared machine wall
+    time also counts the waits for a core; both are medians over the same steps.
+    """
     steppers = {c: Stepper(c, seq) for c in configs}
     for stepper in steppers.values():  # warm-up: allocator, thread pool, lazy inits
         stepper.step()
-    times: dict[str, list[float]] = {c: [] for c in configs}
+    times: dict[str, list[tuple[float, float]]] = {c: [] for c in configs}
     for _ in range(rounds):
         for config, stepper in steppers.items():
             times[config].append(stepper.step())
-    return {c: statistics.median(t) for c, t in times.items()}
+    return {c: (statistics.median(w for w, _ in t), statistics.median(cpu for _, cpu in t)) for c, t in times.items()}
 
 
 def peak_rss_child(config: str, seq: int) -> None:
@@ -102,10 +107,14 @@ def peak_rss_child(config: str, seq: int) -> None:
     print(json.dumps({"config": config, "peak_mib": peak, "built_mib": built}))
 
 
-def peak_rss(config: str, seq: int, threads: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", config, "--seq-mem", str(seq),
-                          "--threads", str(threads)], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def peak_rss(config: str, seq: int, threads: int, runs: int) -> dict[str, float]:
+    """The lowest peak of `runs` fresh processes (the allocator's high-water mark varies run to run)."""
+    results = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, __file__, "--rss-child", config, "--seq-mem", str(seq),
+                              "--threads", str(threads)], check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return min(results, key=lambda r: r["peak_mib"])
 
 
 def main() -> None:
@@ -114,6 +123,7 @@ def main() -> None:
     parser.add_argument("--seq-time", type=int, default=256)
     parser.add_argument("--seq-mem", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mem-runs", type=int, default=2, help="fresh processes per config (lowest peak taken)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-mem", action="store_true")
@@ -126,16 +136,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, r={RANK}")
     if not args.skip_time:
         medians = time_configs(configs, args.seq_time, args.rounds)
-        floor = medians.get("floor")
-        print(f"\nstep time, seq {args.seq_time}, median of {args.rounds} interleaved steps")
-        for config, seconds in medians.items():
-            vs_floor = f"{seconds / floor:6.3f}x floor" if floor else ""
+        print(f"\nstep time, seq {args.seq_time}, median of {args.rounds} interleaved steps (wall | CPU)")
+        for config, (wall, cpu) in medians.items():
+            line = f"  {config:14s} {wall * 1000:8.1f} ms {cpu * 1000:8.1f} ms"
+            if "floor" in medians:
+                floor_wall, floor_cpu = medians["floor"]
+                line += f"   {wall / floor_wall:6.3f}x | {cpu / floor_cpu:6.3f}x floor"
             peer = config.replace("peftlite", "peft")
-            vs_peft = f"  {seconds / medians[peer]:6.3f}x peft" if config.startswith("peftlite") and peer in medians else ""
-            print(f"  {config:14s} {seconds * 1000:8.1f} ms  {vs_floor}{vs_peft}")
+            if config.startswith("peftlite") and peer in medians:
+                line += f"   {wall / medians[peer][0]:6.3f}x | {cpu / medians[peer][1]:6.3f}x peft"
+            print(line)
     if not args.skip_mem:
-        print(f"\npeak RSS, seq {args.seq_mem}, one fresh process per config")
-        results = {config: peak_rss(config, args.seq_mem, args.threads) for config in configs}
+        print(f"\npeak RSS, seq {args.seq_mem}, lowest of {args.mem_runs} fresh processes per config")
+        results = {config: peak_rss(config, args.seq_mem, args.threads, args.mem_runs) for config in configs}
         floor = results.get("floor")
         for config, r in results.items():
             ratio = f"{r['peak_mib'] / floor['peak_mib']:6.3f}x floor" if floor else ""
