@@ -12,6 +12,9 @@ mean of the model's own batch losses.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,6 +157,56 @@ def test_evaluate_finds_the_labels_and_reports_the_models_loss(tmp_path):
         losses = [model(**{k: torch.stack([row[k] for row in b]) for k in b[0]}).loss for b in batches]
     assert metrics["eval_loss"] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
     assert seen["labels"].tolist() == [int(row["labels"]) for row in data]
+
+
+DDP_WORKER = """
+import os, sys, torch
+from torch import nn
+from transformers import TrainingArguments
+from peftlite import LoraConfig, get_lora_model
+from peftlite.integrations import LoraTrainer
+from tiny_models import tiny_gpt2, token_batch
+
+output_dir, batch_size = sys.argv[1], int(sys.argv[2])
+model = get_lora_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights="gaussian"))
+for module in model.modules():
+    if isinstance(module, nn.Dropout):
+        module.p = 0.0  # ranks would draw other dropout masks than one process does
+ids = token_batch(4, 8, seed=1)  # 4 rows = one global batch, so both setups average the same gradient
+distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=3,
+                         learning_rate=1e-2, save_strategy="steps", save_steps=3, logging_strategy="no",
+                         report_to=[], use_cpu=True, ddp_backend="gloo" if distributed else None,
+                         disable_tqdm=True, seed=0)
+trainer = LoraTrainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+trainer.train()
+weights = {f"{p}.{k}": getattr(l.adapters["default"], k).detach()
+           for p, l in model.lora_layers() for k in ("lora_A", "lora_B")}
+torch.save(weights, os.path.join(output_dir, f"rank{trainer.args.process_index}.pt"))
+"""
+
+
+def test_ddp_on_two_cpu_processes_trains_the_same_adapter_as_one_process(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    tests_dir = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent), os.environ.get("PYTHONPATH", "")])}
+    for command, output in ((["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(worker), str(tmp_path / "two"), "2"], "two"),
+                            ([str(worker), str(tmp_path / "one"), "4"], "one")):
+        done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
+    assert_same_weights(ranks[0], ranks[1], atol=0)
+    assert_same_weights(ranks[0], one, atol=1e-5)
+    assert any(w.abs().max() > 0 for k, w in one.items() if k.endswith("lora_B")), "nothing trained"
+    checkpoint = tmp_path / "two" / "checkpoint-3"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    reloaded = LoraModel.from_pretrained(tiny_gpt2(), str(checkpoint))
+    assert_same_weights(lora_weights(reloaded), ranks[0])
 
 
 def test_a_model_without_lora_is_refused(tmp_path):
