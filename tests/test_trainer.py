@@ -126,12 +126,14 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
     assert_same_weights(lora_weights(model), lora_weights(LoraModel.from_pretrained(tiny_gpt2(), best)))
 
 
-def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, reentrant):
     runs = {}
     for checkpointing in (False, True):
         model = get_lora_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS"))
         LoraTrainer(model=model, args=training_args(tmp_path / str(checkpointing), max_steps=4,
-                                                    gradient_checkpointing=checkpointing),
+                                                    gradient_checkpointing=checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": reentrant}),
                     train_dataset=cls_data()).train()
         assert model.base_model.is_activation_checkpointing == checkpointing
         runs[checkpointing] = lora_weights(model)
