@@ -15,12 +15,21 @@ Memory (seq 512): each config runs in a fresh subprocess that reports its peak R
 
     .venv/bin/python benchmarks/train_step.py              # both, prints ratios
     .venv/bin/python benchmarks/train_step.py --rounds 3   # quicker, noisier
+
+Allocator: with glibc's default malloc, buffers of a few MiB are returned to the OS after each
+use and page-faulted back in on the next, which slows the elementwise ops of every config, and
+LoRA configs (which hold more saved tensors) pay this more often. Keeping freed memory in the
+process, as jemalloc/tcmalloc or these glibc tunables do, removes that cost for all configs:
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184 \
+        .venv/bin/python benchmarks/train_step.py --skip-mem
+The header line says which allocator setting a run used; peak RSS is best measured without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -100,7 +109,8 @@ def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, tuple[f
 def peak_rss_child(config: str, seq: int) -> None:
     """Run in a fresh process: build, take two steps, print peak RSS in MiB (and after-build RSS)."""
     stepper = Stepper(config, seq)
-    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/statm") as statm:  # resident pages now: the model built, nothing run yet
+        built = int(statm.read().split()[1]) * resource.getpagesize() / 2**20
     stepper.step()
     stepper.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -133,7 +143,8 @@ def main() -> None:
     if args.rss_child:
         return peak_rss_child(args.rss_child, args.seq_mem)
     configs = args.configs.split(",")
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, r={RANK}")
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, r={RANK}, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(default allocator)')}")
     if not args.skip_time:
         medians = time_configs(configs, args.seq_time, args.rounds)
         print(f"\nstep time, seq {args.seq_time}, median of {args.rounds} interleaved steps (wall | CPU)")
@@ -152,7 +163,7 @@ def main() -> None:
         floor = results.get("floor")
         for config, r in results.items():
             ratio = f"{r['peak_mib'] / floor['peak_mib']:6.3f}x floor" if floor else ""
-            above = (f"  (above build: {(r['peak_mib'] - r['built_mib']) / (floor['peak_mib'] - floor['built_mib']):5.3f}x)"
+            above = (f"  (above the built model: {(r['peak_mib'] - r['built_mib']) / (floor['peak_mib'] - floor['built_mib']):5.3f}x)"
                      if floor else "")
             print(f"  {config:14s} {r['peak_mib']:8.0f} MiB  {ratio}{above}")
 
