@@ -11,7 +11,7 @@ A step is forward + backward + AdamW on the trainable parameters.
 Time (seq 256): every config is built once in this process, then steps are interleaved round by
 round (floor, peft, peftlite, ...) so machine noise hits all alike; each figure is a median.
 Memory (seq 512): each config runs in a fresh subprocess that reports its peak RSS
-(`resource.getrusage`), the model build included, as a user sees it.
+(VmHWM), the model build included, as a user sees it.
 
     .venv/bin/python benchmarks/train_step.py              # both, prints ratios
     .venv/bin/python benchmarks/train_step.py --rounds 3   # quicker, noisier
@@ -113,7 +113,10 @@ def peak_rss_child(config: str, seq: int) -> None:
         built = int(statm.read().split()[1]) * resource.getpagesize() / 2**20
     stepper.step()
     stepper.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # VmHWM, the high-water mark of this process image; not ru_maxrss, which Linux carries over
+    # exec from the parent, so a child forked from a big parent would report the parent's size.
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # KiB
     print(json.dumps({"config": config, "peak_mib": peak, "built_mib": built}))
 
 
