@@ -11,6 +11,7 @@ adapter's parameters, compute the low-rank term (`lora_delta`), compute ΔW
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -326,7 +327,6 @@ class ModulesToSave(nn.Module):
         self.state = state
 
     def add_adapter(self, name: str) -> None:
-        import copy
         trainable = copy.deepcopy(self.original_module)
         trainable.requires_grad_(True)
         self.modules_to_save[name] = trainable
