@@ -16,9 +16,7 @@ from torch import nn
 
 from .config import LoraConfig, check_adapter_name
 from .layers import AdapterState, LoraLayer, ModulesToSave, make_lora_layer
-from .targets import find_modules_to_save, find_targets
-
-SEQ_CLS_HEADS = ("classifier", "score")
+from .targets import SEQ_CLS_HEADS, find_modules_to_save, find_targets
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:

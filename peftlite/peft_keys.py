@@ -31,14 +31,13 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .layers import SUPPORTED_BASE_TYPES, LoraLayer, MergedLinear, ModulesToSave
-from .targets import matches
+from .targets import SEQ_CLS_HEADS, matches
 
 PREFIX = "base_model.model."
 PAIR_SUFFIXES = ("lora_A.weight", "lora_B.weight")
 EMBEDDING_PAIR_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 # PEFT saves the full weight of these (EMBEDDING_LAYER_NAMES) when an embedding is targeted or resized.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-SEQ_CLS_HEADS = ("classifier", "score")
 
 
 def walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -49,6 +49,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 # Lazy: the first numbered segment is the layer (`layers.1.experts.0.w1` is layer 1), as PEFT reads it.
+# Heads PEFT trains in full for task_type "SEQ_CLS" (whichever of them the model has).
+SEQ_CLS_HEADS = ("classifier", "score")
+
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 
 
