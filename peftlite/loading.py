@@ -190,10 +190,13 @@ def hotswap_adapter(lora_model, model_id_or_path: str, adapter_name: str, **hub_
     config, tensors, source = read_adapter(model_id_or_path, **_hub_kwargs(hub_kwargs))
     config = dataclasses.replace(config, inference_mode=old.inference_mode)
     pairs, saved, base = _place(lora_model, config, tensors, source)
-    layers = {path: m for path, m in walk(lora_model.base_model)
-              if isinstance(m, LoraLayer) and adapter_name in m.adapters}
-    copies = {path: m for path, m in walk(lora_model.base_model)
-              if isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save}
+    layers: dict[str, LoraLayer] = {}
+    copies: dict[str, ModulesToSave] = {}
+    for path, module in walk(lora_model.base_model):
+        if isinstance(module, LoraLayer) and adapter_name in module.adapters:
+            layers[path] = module
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            copies[path] = module
     if set(pairs) != set(layers) or set(saved) != set(copies):
         differ = sorted(set(pairs) ^ set(layers) | set(saved) ^ set(copies))
         raise ValueError(f"{source}: adapter covers other modules than {adapter_name!r} ({differ[:3]}...): "
