@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from . import hub
@@ -212,7 +213,7 @@ def save_adapters(lora_model, save_directory: str | os.PathLike, selected_adapte
                                      base_model_name_or_path=config.base_model_name_or_path
                                      or _base_model_name(lora_model.base_model))
         tensors = adapter_tensors(lora_model, name)
-        writers = {WEIGHTS_NAME: lambda path, t=tensors: save_file(t, path, metadata={"format": "pt"}),
+        writers = {WEIGHTS_NAME: lambda path, t=tensors: write_safetensors(t, path, metadata={"format": "pt"}),
                    CONFIG_NAME: _text_writer(_config_json(config))}
         card = model_card(directory / CARD_NAME, config.base_model_name_or_path)
         if card is not None:
@@ -268,6 +269,18 @@ def _prepare_directory(save_directory: str | os.PathLike, create: bool = True) -
     if create:
         directory.mkdir(parents=True, exist_ok=True)
     return directory
+
+
+def write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file at `path` ourselves.
+
+    Not `safetensors.torch.save_file`: it stages its own `.tmpXXXXXX` file
+    beside the target, which a killed save would leave behind under a name
+    `atomic_write_all` cannot recognise as its own.
+    """
+    data = safetensors_bytes(tensors, metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _text_writer(text: str) -> Callable[[str], None]:

@@ -59,7 +59,7 @@ CHILD = textwrap.dedent("""
         print("PAUSED", flush=True)
         time.sleep(60)
 
-    real_save, real_replace = files.save_file, os.replace
+    real_save, real_replace = files.write_safetensors, os.replace
     def half_written(tensors, path, metadata=None):
         real_save(tensors, path, metadata=metadata)
         with open(path, "r+b") as f:
@@ -69,7 +69,7 @@ CHILD = textwrap.dedent("""
         real_replace(src, dst)
         pause()
     if stage == "mid-write":
-        files.save_file = half_written
+        files.write_safetensors = half_written
     elif stage == "between-renames":
         os.replace = replace_then_pause
     if stage == "loop":

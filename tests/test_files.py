@@ -256,7 +256,7 @@ def test_save_is_atomic_when_a_write_fails(tmp_path, monkeypatch):
     def crash_mid_write(tensors, path, metadata=None):
         open(path, "wb").write(b"half a file")
         raise OSError("disk full")
-    monkeypatch.setattr(files, "save_file", crash_mid_write)
+    monkeypatch.setattr(files, "write_safetensors", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     monkeypatch.undo()
