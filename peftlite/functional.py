@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -101,13 +102,30 @@ def conv2d_delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tenso
 
 
 def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
-    """The keep-mask of dropout(x, p) as a bool tensor shaped like x (1 byte an element, not 4).
+    """The keep-mask of dropout(x, p): bools shaped like x (1 byte an element, not 4).
 
-    Drawn as `torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)`: on CPU this consumes the
-    generator exactly as `nn.Dropout`/`F.dropout` do, so a given seed gives the same mask as the
-    plain formulation. (CUDA's fused dropout kernel draws differently: same distribution, other bits.)
+    Each element compares one uniform 32-bit integer with a threshold, so it is kept with
+    probability 1 - p, p taken to the nearest multiple of 2⁻³². On CPU the integers come from
+    numpy's SFC64 generator, seeded by one draw from torch's default generator: torch's own CPU
+    generator makes one draw at a time through MT19937, and `bernoulli_` that way took a fifth of
+    a training step (benchmarks/train_step.py); SFC64 is 6× faster. So `torch.manual_seed` fixes
+    the mask and checkpointing's RNG restore replays it, but the bits differ from `nn.Dropout`'s.
     """
-    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    n = x.numel()
+    words = (n + 1) // 2  # 64-bit draws, two 32-bit integers each
+    if x.device.type == "cpu":
+        seed = torch.empty((), dtype=torch.int64).random_().item()
+        raw = torch.from_numpy(np.random.SFC64(seed).random_raw(words).view(np.int64))
+    else:
+        raw = torch.empty(words, dtype=torch.int64, device=x.device).random_(-2**63, None)
+    draws = raw.view(torch.int32)[:n].view(x.shape)
+    return draws >= round(p * 2**32) - 2**31
+
+
+def as_bytes(mask: Tensor) -> Tensor:
+    """The bool mask viewed as 0/1 uint8, no copy: `x * mask` then takes torch's fast mixed-dtype
+    path (about 4× faster than multiplying by a bool tensor on CPU)."""
+    return mask.view(torch.uint8)
 
 
 def apply_dropout_mask(x: Tensor, mask: Tensor, p: float) -> Tensor:
@@ -115,9 +133,37 @@ def apply_dropout_mask(x: Tensor, mask: Tensor, p: float) -> Tensor:
     return x * mask.to(x.dtype).div_(1 - p)
 
 
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Training-mode dropout with `draw_dropout_mask`: the plain-path twin of the Functions' masks."""
+    return apply_dropout_mask(x, draw_dropout_mask(x, p), p) if p > 0 else x
+
+
+def folding_pays(rows: int, in_features: int, out_features: int) -> bool:
+    """Whether a training step is cheaper with ΔW folded into W than with the low-rank products.
+
+    Unfolded, the six rank-r products cost 3·rows·r·(in + out); folded, forming W + ΔW in forward
+    and again in backward costs 2·out·in·r, and the two products that it replaces are gone, leaving
+    2·rows·r·(in + out). So folding pays once the batch has more rows than the harmonic mean of
+    in and out: large batches of tokens on moderate widths.
+    """
+    return rows * (in_features + out_features) > 2 * in_features * out_features
+
+
 def _per_group(parts: list[Tensor], dim: int) -> Tensor:
     """The groups' results side by side (no copy for the usual single group)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool,
+                   slices: tuple[tuple[int, int], ...]) -> Tensor:
+    """W + s · B_k A_k in each group's rows: (out, in), a new tensor; `weight` is untouched."""
+    w = weight.t() if fan_in_fan_out else weight  # (out, in)
+    if slices == ((0, w.shape[0]),):
+        return torch.addmm(w, lora_B, lora_A, alpha=scaling)
+    folded, r = w.clone(), lora_A.shape[0] // len(slices)
+    for k, (start, size) in enumerate(slices):
+        folded[start:start + size].addmm_(lora_B[k * size:(k + 1) * size], lora_A[k * r:(k + 1) * r], alpha=scaling)
+    return folded
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -136,36 +182,46 @@ class LoraLinearFunction(torch.autograd.Function):
               ∂L/∂A   = (∂L/∂u)ᵀ D(x)            (g·r, in)
               ∂L/∂x   = G W + D(∂L/∂u A)         (N, in)   the LoRA term added in place
               ∂L/∂W   = Gᵀ x,  ∂L/∂b = Σ_N G     (only if the base is trainable)
+    Folded (no dropout, `folding_pays`): with W' = W + Σ_k s·B_k A_k formed on the fly and freed,
+    y = x W'ᵀ + b and ∂L/∂x = G W', each one GEMM of the base's own size; u is then only needed
+    for ∂L/∂B and is formed in backward. Two rank-r products of N rows fewer each step.
     D(x) is never stored: with dropout, x ⊙ M is formed for the matmul and freed, and 1/(1 - p) is
     applied to the r-dim product (equal to the reference up to float rounding).
     Saved: x itself (q, k and v receive the same tensor, so it is stored once), the bool mask, and
-    u (N × g·r). The plain formulation also keeps D(x) — a full fp32 copy of x per layer — and
-    creates two out-sized temporaries (B(·)·s and the sum) in forward and one in-sized sum in backward.
+    u (N × g·r) when not folded. The plain formulation also keeps D(x) — a full fp32 copy of x per
+    layer — and creates two out-sized temporaries (B(·)·s and the sum) in forward and one in-sized
+    sum in backward.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, fan_in_fan_out: bool, slices: tuple[tuple[int, int], ...],
-                dropout: float) -> Tensor:
+                dropout: float, fold: bool) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        w = weight if fan_in_fan_out else weight.t()  # (in, out)
-        out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
-        mask = draw_dropout_mask(x2, dropout) if dropout > 0 else None
-        if mask is None:
-            u = x2 @ lora_A.t()  # (N, g·r)
-        else:  # D(x) Aᵀ = ((x ⊙ M) Aᵀ) / (1 - p): one in-sized temporary, the scale applied at rank r
-            u = (x2 * mask) @ lora_A.t()
-            u.mul_(1 / (1 - dropout))
         r = lora_A.shape[0] // len(slices)
-        for k, (start, size) in enumerate(slices):
-            out[:, start:start + size].addmm_(u[:, k * r:(k + 1) * r], lora_B[k * size:(k + 1) * size].t(),
-                                              alpha=scaling)
+        if fold:
+            w = _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices).t()  # (in, out)
+            out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
+            mask = u = None
+        else:
+            w = weight if fan_in_fan_out else weight.t()  # (in, out)
+            out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
+            mask = draw_dropout_mask(x2, dropout) if dropout > 0 else None
+            if mask is None:
+                u = x2 @ lora_A.t()  # (N, g·r)
+            else:  # D(x) Aᵀ = ((x ⊙ M) Aᵀ) / (1 - p): one in-sized temporary, the scale applied at rank r
+                u = (x2 * as_bytes(mask)) @ lora_A.t()
+                u.mul_(1 / (1 - dropout))
+            for k, (start, size) in enumerate(slices):
+                out[:, start:start + size].addmm_(u[:, k * r:(k + 1) * r], lora_B[k * size:(k + 1) * size].t(),
+                                                  alpha=scaling)
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(x if (need_A or need_W) else None, weight if need_x else None,
-                              lora_A if need_x else None, lora_B if (need_x or need_A) else None,
+        keep_x = need_A or need_W or (fold and need_B)
+        ctx.save_for_backward(x if keep_x else None, weight if need_x else None,
+                              lora_A if (need_x or need_B) else None, lora_B if (need_x or need_A) else None,
                               u if need_B else None, mask)
         ctx.scaling, ctx.fan_in_fan_out, ctx.slices, ctx.dropout = scaling, fan_in_fan_out, slices, dropout
-        ctx.x_shape, ctx.r = x.shape, r
+        ctx.fold, ctx.x_shape, ctx.r = fold, x.shape, r
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -174,45 +230,53 @@ class LoraLinearFunction(torch.autograd.Function):
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         s, p, r, slices = ctx.scaling, ctx.dropout, ctx.r, ctx.slices
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
         grad_x = grad_W = grad_b = grad_A = grad_B = None
         if need_B:
+            if ctx.fold:
+                u = x2 @ lora_A.t()  # (N, g·r)
             grad_B = _per_group([g[:, start:start + size].t() @ u[:, k * r:(k + 1) * r]
                                  for k, (start, size) in enumerate(slices)], dim=0).mul_(s)  # (g·os, r)
-        if need_x or need_A:
+        if (need_x and not ctx.fold) or need_A:
             g_u = _per_group([g[:, start:start + size] @ lora_B[k * size:(k + 1) * size]
                               for k, (start, size) in enumerate(slices)], dim=1).mul_(s)  # (N, g·r)
         if need_A:
-            x2 = x.reshape(-1, x.shape[-1])
-            if mask is None:
-                grad_A = g_u.t() @ x2  # (g·r, in)
-            else:
-                grad_A = (g_u * (1 / (1 - p))).t() @ (x2 * mask)
+            grad_A = g_u.t() @ x2 if mask is None else (g_u * (1 / (1 - p))).t() @ (x2 * as_bytes(mask))  # (g·r, in)
         if need_x:
-            grad_x = g @ (weight.t() if ctx.fan_in_fan_out else weight)  # (N, in)
-            if mask is None:
-                grad_x.addmm_(g_u, lora_A)
+            if ctx.fold:
+                grad_x = g @ _folded_weight(weight, lora_A, lora_B, s, ctx.fan_in_fan_out, slices)  # (N, in)
             else:
-                grad_x.addcmul_(g_u @ lora_A, mask, value=1 / (1 - p))
+                grad_x = g @ (weight.t() if ctx.fan_in_fan_out else weight)  # (N, in)
+                if mask is None:
+                    grad_x.addmm_(g_u, lora_A)
+                else:
+                    grad_x.addcmul_(g_u @ lora_A, as_bytes(mask), value=1 / (1 - p))
             grad_x = grad_x.view(ctx.x_shape)
         if need_W:
-            x2 = x.reshape(-1, x.shape[-1])
             grad_W = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
         if need_b:
             grad_b = g.sum(0)
-        return grad_x, grad_W, grad_b, grad_A, grad_B, None, None, None, None
+        return grad_x, grad_W, grad_b, grad_A, grad_B, None, None, None, None, None
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, fan_in_fan_out: bool = False,
-                slices: tuple[tuple[int, int], ...] | None = None, dropout: float = 0.0) -> Tensor:
+                slices: tuple[tuple[int, int], ...] | None = None, dropout: float = 0.0,
+                fold: bool | None = None) -> Tensor:
     """base(x) + B(A(dropout(x)))·s for a linear base, through `LoraLinearFunction`.
 
     x (..., in) -> (..., out). `slices` gives (first column, width) of each adapter group's output;
     None means one group over every column. `dropout` is the probability to use now (0 in eval).
+    `fold`: compute through W + ΔW (see the Function); None decides by `folding_pays`. Never with
+    dropout, which the low-rank term sees and the base does not.
     """
+    out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
     if slices is None:
-        slices = ((0, weight.shape[1] if fan_in_fan_out else weight.shape[0]),)
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, slices, dropout)
+        slices = ((0, out_features),)
+    if fold is None:
+        fold = folding_pays(x.numel() // max(in_features, 1), in_features, out_features)
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, slices, dropout,
+                                    fold and dropout == 0)
 
 
 class LoraConv2dFunction(torch.autograd.Function):
@@ -236,7 +300,7 @@ class LoraConv2dFunction(torch.autograd.Function):
                 dropout: float) -> Tensor:
         out = F.conv2d(x, weight, bias, stride, padding, dilation)
         mask = draw_dropout_mask(x, dropout) if dropout > 0 else None
-        u = F.conv2d(x if mask is None else x * mask, lora_A, None, stride, padding, dilation)
+        u = F.conv2d(x if mask is None else x * as_bytes(mask), lora_A, None, stride, padding, dilation)
         if mask is not None:
             u.mul_(1 / (1 - dropout))
         out.add_(F.conv2d(u, lora_B), alpha=scaling)
@@ -259,7 +323,7 @@ class LoraConv2dFunction(torch.autograd.Function):
         grad_u, grad_B, _ = conv_backward(grad_out, u, lora_B, [1, 1], [0, 0], [1, 1], [True, need_B, False])
         grad_u = grad_u * (s * c if mask is not None else s)
         grad_B = grad_B.mul_(s) if need_B else None
-        x_in = x if mask is None else x * mask
+        x_in = x if mask is None else x * as_bytes(mask)
         lora_grad_x, grad_A, _ = conv_backward(grad_u, x_in, lora_A, stride, padding, dilation, [need_x, need_A, False])
         grad_x = grad_W = grad_b = None
         if need_x or need_W or need_b:
@@ -267,7 +331,7 @@ class LoraConv2dFunction(torch.autograd.Function):
                                                    [need_x, need_W, need_b],
                                                    bias_sizes=[weight.shape[0]] if ctx.has_bias else None)
         if need_x:
-            grad_x = grad_x.add_(lora_grad_x) if mask is None else grad_x.addcmul_(lora_grad_x, mask)
+            grad_x = grad_x.add_(lora_grad_x) if mask is None else grad_x.addcmul_(lora_grad_x, as_bytes(mask))
         return grad_x, grad_W, grad_b, grad_A, grad_B, None, None, None, None, None
 
 

@@ -51,15 +51,15 @@ class LoraAdapter(nn.Module):
         self.lora_B = nn.Parameter(lora_B)
         self.r = r
         self.scaling = scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = dropout  # probability, applied to the adapter's input in training mode only
         self.merge_weights = merge_weights
 
     def dropped(self, x: Tensor) -> Tensor:
-        return self.dropout(x) if self.dropout is not None else x
+        return LF.dropout(x, self.dropout_now())
 
     def dropout_now(self) -> float:
         """The dropout probability in effect: 0 without dropout or in eval mode."""
-        return self.dropout.p if self.dropout is not None and self.dropout.training else 0.0
+        return self.dropout if self.training else 0.0
 
 
 class LoraLayer(nn.Module):

@@ -211,9 +211,6 @@ def hotswap_adapter(lora_model, model_id_or_path: str, adapter_name: str, **hub_
         if config.rank_for(path) != record.r:
             raise ValueError(f"{source}: {path!r} has rank {config.rank_for(path)} in the file, expected "
                              f"{record.r} (hotswap needs the same ranks)")
-        if (record.dropout is None) != (config.lora_dropout == 0):
-            raise ValueError(f"{source}: lora_dropout={config.lora_dropout} cannot replace "
-                             f"{0 if record.dropout is None else record.dropout.p} in place")
     for path, module in copies.items():
         _check_saved(path, module, saved[path], source)
     changed = _check_base(base, source)
@@ -222,8 +219,7 @@ def hotswap_adapter(lora_model, model_id_or_path: str, adapter_name: str, **hub_
         record = layer.adapters[adapter_name]
         _fill(record, *weights[path], adopt=False)
         record.scaling = config.scaling_for(path)
-        if record.dropout is not None:
-            record.dropout.p = config.lora_dropout
+        record.dropout = config.lora_dropout
     for path, module in copies.items():
         module.modules_to_save[adapter_name].load_state_dict(saved[path], strict=False)
     _copy_base(changed, source)

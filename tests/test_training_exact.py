@@ -4,7 +4,9 @@ peftlite's layers train through custom autograd Functions (functional.LoraLinear
 in-place adds. These tests hold loss and every trainable gradient to
     h = base(x) + B(A(dropout(x))) · s
 written out here with plain torch ops (`PlainLora`), with the same dropout mask for the same seed,
-and to the real `peft` with dropout 0; each Function also passes `gradcheck` in float64.
+and to the real `peft` with dropout 0; each Function also passes `gradcheck` in float64. Linear
+layers take one of two routes (ΔW folded into W or not, by `folding_pays`); the model-level tests
+run each case both ways.
 
     .venv/bin/pytest -q tests/test_training_exact.py
 """
@@ -44,11 +46,11 @@ class PlainLora(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer, adapter = self.layer[0], self.adapters["default"]
         A, B, s = adapter.lora_A, adapter.lora_B, adapter.scaling
-        p = adapter.dropout.p if adapter.dropout is not None else 0.0
+        p = adapter.dropout if self.training else 0.0
         base = self.base_layer(x)
         if isinstance(layer, Embedding):  # PEFT applies no dropout to embeddings
             return base + F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) @ B.T * s
-        dropped = F.dropout(x, p, self.training)
+        dropped = x * LF.draw_dropout_mask(x, p) / (1 - p) if p > 0 else x
         if isinstance(layer, Conv2d):
             conv = self.base_layer
             after_A = F.conv2d(dropped, A, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
@@ -130,15 +132,22 @@ def make_lite(case: str, dropout: float):
     return base, get_lora_model(copy.deepcopy(base), config).train(), loss_fn, kwargs
 
 
+@pytest.fixture(params=["folded", "unfolded"])
+def route(request, monkeypatch):
+    """Every Linear takes the one route: ΔW folded into W, or the six low-rank products."""
+    monkeypatch.setattr(LF, "folding_pays", lambda *sizes: request.param == "folded")
+    return request.param
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("case", list(CASES))
-def test_loss_and_grads_equal_the_plain_formulation(case, dropout):
+def test_loss_and_grads_equal_the_plain_formulation(case, dropout, route):
     _, lite, loss_fn, _ = make_lite(case, dropout)
     assert_same(loss_and_grads(lite.base_model, loss_fn), loss_and_grads(plain_copy(lite).train(), loss_fn))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "MergedLinear"])  # PEFT has no enable_lora
-def test_loss_and_grads_equal_peft(case):
+def test_loss_and_grads_equal_peft(case, route):
     base, lite, loss_fn, kwargs = make_lite(case, 0.0)
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **kwargs)).train()
     copy_lora_to_peft(lite, reference)
@@ -182,8 +191,8 @@ def test_merged_linear_grads_equal_loralib():
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("slices", [None, ((0, 3), (6, 3))])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_lora_linear_function_gradcheck(fan_in_fan_out, slices, dropout):
+@pytest.mark.parametrize("dropout, fold", [(0.0, False), (0.0, True), (0.3, False)])
+def test_lora_linear_function_gradcheck(fan_in_fan_out, slices, dropout, fold):
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -196,7 +205,7 @@ def test_lora_linear_function_gradcheck(fan_in_fan_out, slices, dropout):
 
     def f(x, weight, bias, A, B):
         torch.manual_seed(5)  # the same dropout mask on every call gradcheck makes
-        return LF.lora_linear(x, weight, bias, A, B, 0.7, fan_in_fan_out, slices, dropout)
+        return LF.lora_linear(x, weight, bias, A, B, 0.7, fan_in_fan_out, slices, dropout, fold)
 
     assert torch.autograd.gradcheck(f, (x, weight, rand(out), A, B))
     assert torch.autograd.gradcheck(f, (x, weight.detach(), None, A, B))  # frozen base, no bias
@@ -220,13 +229,38 @@ def test_lora_conv2d_function_gradcheck(dropout, stride, padding, dilation):
     assert torch.autograd.gradcheck(f, (x, weight.detach(), None, A, B))
 
 
-def test_dropout_mask_is_the_one_nn_dropout_draws():
-    x = torch.randn(5, 7, 11)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_keeps_each_element_with_probability_1_minus_p(p):
+    x = torch.empty(401, 1001)  # an odd count: the last 64-bit draw is used by half
     torch.manual_seed(3)
-    expected = F.dropout(x, 0.25, training=True)
+    mask = LF.draw_dropout_mask(x, p)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    n = mask.numel()
+    assert abs(mask.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # 5 standard errors
+    for axis in (0, 1):  # no row or column is favoured: each one's keep rate is near 1 - p
+        rates = mask.float().mean(axis)
+        assert (rates - (1 - p)).abs().max() < 6 * (p * (1 - p) / mask.shape[axis]) ** 0.5
     torch.manual_seed(3)
-    mask = LF.draw_dropout_mask(x, 0.25)
-    torch.testing.assert_close(LF.apply_dropout_mask(x, mask, 0.25), expected, rtol=0, atol=0)
+    assert torch.equal(LF.draw_dropout_mask(x, p), mask)  # the seed fixes the mask
+    assert not torch.equal(LF.draw_dropout_mask(x, p), mask)  # and the next draw is a new one
+    torch.testing.assert_close(LF.apply_dropout_mask(x.normal_(), mask, p), x * mask / (1 - p))
+
+
+def test_folded_and_unfolded_routes_choose_by_cost_and_agree():
+    assert LF.folding_pays(2048, 512, 1376) and not LF.folding_pays(256, 4096, 4096)
+    assert LF.folding_pays(513, 512, 512) and not LF.folding_pays(512, 512, 512)
+    x, weight, bias = torch.randn(3, 40, 8), torch.randn(6, 8), torch.randn(6)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    results = []
+    for fold in (True, False):
+        out = LF.lora_linear(x, weight, bias, A, B, 0.5, fold=fold)
+        out.square().sum().backward()
+        results.append((out, A.grad, B.grad))
+        A.grad = B.grad = None
+    expected = F.linear(x, weight, bias) + x @ A.T @ B.T * 0.5
+    for out, grad_A, grad_B in results:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=TOL)
+    torch.testing.assert_close(results[0][1:], results[1][1:], rtol=1e-5, atol=1e-4)
 
 
 def test_function_saves_shared_input_once():
