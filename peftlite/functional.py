@@ -104,22 +104,22 @@ def conv2d_delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tenso
 def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
     """The keep-mask of dropout(x, p): bools shaped like x (1 byte an element, not 4).
 
-    Each element compares one uniform 32-bit integer with a threshold, so it is kept with
-    probability 1 - p, p taken to the nearest multiple of 2⁻³². On CPU the integers come from
-    numpy's SFC64 generator, seeded by one draw from torch's default generator: torch's own CPU
-    generator makes one draw at a time through MT19937, and `bernoulli_` that way took a fifth of
-    a training step (benchmarks/train_step.py); SFC64 is 6× faster. So `torch.manual_seed` fixes
-    the mask and checkpointing's RNG restore replays it, but the bits differ from `nn.Dropout`'s.
+    Each element compares one uniform 16-bit integer with a threshold, so it is kept with
+    probability 1 - p, p taken to the nearest multiple of 2⁻¹⁶ (0.1 becomes 0.100006). On CPU
+    the integers come from numpy's SFC64 generator, seeded by one draw from torch's default
+    generator: torch's own CPU generator makes one draw at a time through MT19937, and
+    `bernoulli_` that way took a fifth of a training step (benchmarks/train_step.py); this is
+    about 15× faster. So `torch.manual_seed` fixes the mask and checkpointing's RNG restore
+    replays it, but the bits differ from `nn.Dropout`'s for the same seed.
     """
-    n = x.numel()
-    words = (n + 1) // 2  # 64-bit draws, two 32-bit integers each
+    n, threshold = x.numel(), round(p * 2**16) - 2**15
+    words = (n + 3) // 4  # 64-bit draws, four 16-bit integers each
     if x.device.type == "cpu":
         seed = torch.empty((), dtype=torch.int64).random_().item()
-        raw = torch.from_numpy(np.random.SFC64(seed).random_raw(words).view(np.int64))
-    else:
-        raw = torch.empty(words, dtype=torch.int64, device=x.device).random_(-2**63, None)
-    draws = raw.view(torch.int32)[:n].view(x.shape)
-    return draws >= round(p * 2**32) - 2**31
+        draws = np.random.SFC64(seed).random_raw(words).view(np.int16)[:n]
+        return torch.from_numpy(draws >= threshold).view(x.shape)  # numpy compares 2-3× faster here
+    draws = torch.empty(words, dtype=torch.int64, device=x.device).random_(-2**63, None).view(torch.int16)[:n]
+    return (draws >= threshold).view(x.shape)
 
 
 def as_bytes(mask: Tensor) -> Tensor:
@@ -184,11 +184,11 @@ class LoraLinearFunction(torch.autograd.Function):
               ∂L/∂W   = Gᵀ x,  ∂L/∂b = Σ_N G     (only if the base is trainable)
     Folded (no dropout, `folding_pays`): with W' = W + Σ_k s·B_k A_k formed on the fly and freed,
     y = x W'ᵀ + b and ∂L/∂x = G W', each one GEMM of the base's own size; u is then only needed
-    for ∂L/∂B and is formed in backward. Two rank-r products of N rows fewer each step.
+    for ∂L/∂B. Two rank-r products of N rows fewer each step.
     D(x) is never stored: with dropout, x ⊙ M is formed for the matmul and freed, and 1/(1 - p) is
     applied to the r-dim product (equal to the reference up to float rounding).
     Saved: x itself (q, k and v receive the same tensor, so it is stored once), the bool mask, and
-    u (N × g·r) when not folded. The plain formulation also keeps D(x) — a full fp32 copy of x per
+    u (N × g·r). The plain formulation also keeps D(x) — a full fp32 copy of x per
     layer — and creates two out-sized temporaries (B(·)·s and the sum) in forward and one in-sized
     sum in backward.
     """
@@ -202,7 +202,8 @@ class LoraLinearFunction(torch.autograd.Function):
         if fold:
             w = _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices).t()  # (in, out)
             out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
-            mask = u = None
+            mask = None  # u is only for ∂L/∂B, formed now while x is in cache
+            u = x2 @ lora_A.t() if ctx.needs_input_grad[4] else None
         else:
             w = weight if fan_in_fan_out else weight.t()  # (in, out)
             out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
@@ -216,9 +217,8 @@ class LoraLinearFunction(torch.autograd.Function):
                 out[:, start:start + size].addmm_(u[:, k * r:(k + 1) * r], lora_B[k * size:(k + 1) * size].t(),
                                                   alpha=scaling)
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        keep_x = need_A or need_W or (fold and need_B)
-        ctx.save_for_backward(x if keep_x else None, weight if need_x else None,
-                              lora_A if (need_x or need_B) else None, lora_B if (need_x or need_A) else None,
+        ctx.save_for_backward(x if (need_A or need_W) else None, weight if need_x else None,
+                              lora_A if need_x else None, lora_B if (need_x or need_A) else None,
                               u if need_B else None, mask)
         ctx.scaling, ctx.fan_in_fan_out, ctx.slices, ctx.dropout = scaling, fan_in_fan_out, slices, dropout
         ctx.fold, ctx.x_shape, ctx.r = fold, x.shape, r
@@ -233,8 +233,6 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
         grad_x = grad_W = grad_b = grad_A = grad_B = None
         if need_B:
-            if ctx.fold:
-                u = x2 @ lora_A.t()  # (N, g·r)
             grad_B = _per_group([g[:, start:start + size].t() @ u[:, k * r:(k + 1) * r]
                                  for k, (start, size) in enumerate(slices)], dim=0).mul_(s)  # (g·os, r)
         if (need_x and not ctx.fold) or need_A:
@@ -275,8 +273,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         slices = ((0, out_features),)
     if fold is None:
         fold = folding_pays(x.numel() // max(in_features, 1), in_features, out_features)
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, slices, dropout,
-                                    fold and dropout == 0)
+    fold = fold and dropout == 0
+    if fold and not torch.is_grad_enabled():  # inference: one GEMM through W + ΔW, nothing to save
+        return F.linear(x, _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices), bias)
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, slices, dropout, fold)
 
 
 class LoraConv2dFunction(torch.autograd.Function):

@@ -288,7 +288,7 @@ def test_gradient_checkpointing_gives_the_same_grads(dropout):
 
 
 @pytest.mark.parametrize("case", ["Linear", "Conv1D", "MergedLinear", "Embedding+Conv2d"])
-def test_no_grad_inference_and_merged_weights_give_the_training_output(case):
+def test_no_grad_inference_and_merged_weights_give_the_training_output(case, route):
     factory, loss_fn, _ = CASES[case]
     _, lite, _, _ = make_lite(case, 0.1)
     lite.eval()
