@@ -9,7 +9,8 @@ A step is forward + backward + AdamW on the trainable parameters.
 - peft / peftlite: LoRA with lora_dropout 0 and 0.1.
 
 Time (seq 256): every config is built once in this process, then steps are interleaved round by
-round (floor, peft, peftlite, ...) so machine noise hits all alike; each figure is a median.
+round (floor, peft, peftlite, ...) so machine noise hits all alike; each figure is a median, and
+each ratio is given two ways: of the medians, and the median of the ratios within one round.
 Memory (seq 512): each config runs in a fresh subprocess that reports its peak RSS
 (VmHWM), the model build included, as a user sees it.
 
@@ -90,11 +91,11 @@ class Stepper:
         return time.perf_counter() - start, time.process_time() - cpu
 
 
-def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """Median (wall, CPU) step seconds per config, steps interleaved across configs round by round.
+def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of each step per config, steps interleaved across configs round by round.
 
     CPU time (both threads summed) is printed beside wall time because on a shared machine wall
-    time also counts the waits for a core; both are medians over the same steps.
+    time also counts the waits for a core.
     """
     steppers = {c: Stepper(c, seq) for c in configs}
     for stepper in steppers.values():  # warm-up: allocator, thread pool, lazy inits
@@ -103,7 +104,16 @@ def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, tuple[f
     for _ in range(rounds):
         for config, stepper in steppers.items():
             times[config].append(stepper.step())
-    return {c: (statistics.median(w for w, _ in t), statistics.median(cpu for _, cpu in t)) for c, t in times.items()}
+    return times
+
+
+def paired_ratio(steps: list[tuple[float, float]], reference: list[tuple[float, float]]) -> float:
+    """Median over rounds of (this config's wall time / the reference's in the same round).
+
+    The machine's speed drifts by ±10% over seconds on a shared host; a step and its reference
+    taken a moment apart see the same drift, so this ratio is steadier than a ratio of medians.
+    """
+    return statistics.median(mine[0] / theirs[0] for mine, theirs in zip(steps, reference))
 
 
 def peak_rss_child(config: str, seq: int) -> None:
@@ -132,7 +142,7 @@ def peak_rss(config: str, seq: int, threads: int, runs: int) -> dict[str, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7, help="timed steps per config (median taken)")
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps per config (median taken)")
     parser.add_argument("--seq-time", type=int, default=256)
     parser.add_argument("--seq-mem", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -149,16 +159,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, r={RANK}, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(default allocator)')}")
     if not args.skip_time:
-        medians = time_configs(configs, args.seq_time, args.rounds)
-        print(f"\nstep time, seq {args.seq_time}, median of {args.rounds} interleaved steps (wall | CPU)")
+        times = time_configs(configs, args.seq_time, args.rounds)
+        medians = {c: (statistics.median(w for w, _ in t), statistics.median(cpu for _, cpu in t))
+                   for c, t in times.items()}
+        print(f"\nstep time, seq {args.seq_time}, median of {args.rounds} interleaved steps: wall | CPU, "
+              "ratios of the medians, and [the median of the ratios within each round, wall]")
         for config, (wall, cpu) in medians.items():
             line = f"  {config:14s} {wall * 1000:8.1f} ms {cpu * 1000:8.1f} ms"
             if "floor" in medians:
                 floor_wall, floor_cpu = medians["floor"]
-                line += f"   {wall / floor_wall:6.3f}x | {cpu / floor_cpu:6.3f}x floor"
+                line += (f"   {wall / floor_wall:6.3f}x | {cpu / floor_cpu:6.3f}x "
+                         f"[{paired_ratio(times[config], times['floor']):6.3f}x] floor")
             peer = config.replace("peftlite", "peft")
             if config.startswith("peftlite") and peer in medians:
-                line += f"   {wall / medians[peer][0]:6.3f}x | {cpu / medians[peer][1]:6.3f}x peft"
+                line += (f"   {wall / medians[peer][0]:6.3f}x | {cpu / medians[peer][1]:6.3f}x "
+                         f"[{paired_ratio(times[config], times[peer]):6.3f}x] peft")
             print(line)
     if not args.skip_mem:
         print(f"\npeak RSS, seq {args.seq_mem}, lowest of {args.mem_runs} fresh processes per config")

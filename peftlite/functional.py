@@ -112,14 +112,26 @@ def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
     about 15× faster. So `torch.manual_seed` fixes the mask and checkpointing's RNG restore
     replays it, but the bits differ from `nn.Dropout`'s for the same seed.
     """
-    n, threshold = x.numel(), round(p * 2**16) - 2**15
-    words = (n + 3) // 4  # 64-bit draws, four 16-bit integers each
-    if x.device.type == "cpu":
-        seed = torch.empty((), dtype=torch.int64).random_().item()
-        draws = np.random.SFC64(seed).random_raw(words).view(np.int16)[:n]
-        return torch.from_numpy(draws >= threshold).view(x.shape)  # numpy compares 2-3× faster here
-    draws = torch.empty(words, dtype=torch.int64, device=x.device).random_(-2**63, None).view(torch.int16)[:n]
-    return (draws >= threshold).view(x.shape)
+    if x.device.type != "cpu":
+        return _mask_from_device_generator(x, p)
+    seed = torch.empty((), dtype=torch.int64).random_().item()
+    draws = np.random.SFC64(seed).random_raw(_draws_for(x)).view(np.int16)[:x.numel()]
+    return torch.from_numpy(draws >= _keep_threshold(p)).view(x.shape)  # numpy compares 2-3× faster here
+
+
+def _mask_from_device_generator(x: Tensor, p: float) -> Tensor:
+    """The same kind of mask from the generator of x's device (CUDA and others)."""
+    draws = torch.empty(_draws_for(x), dtype=torch.int64, device=x.device).random_(-2**63, None)
+    return (draws.view(torch.int16)[:x.numel()] >= _keep_threshold(p)).view(x.shape)
+
+
+def _draws_for(x: Tensor) -> int:
+    return (x.numel() + 3) // 4  # 64-bit draws, four 16-bit integers each
+
+
+def _keep_threshold(p: float) -> int:
+    """A uniform int16 at or above this is kept: probability 1 - round(p·2¹⁶)/2¹⁶."""
+    return round(p * 2**16) - 2**15
 
 
 def as_bytes(mask: Tensor) -> Tensor:

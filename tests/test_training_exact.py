@@ -230,8 +230,12 @@ def test_lora_conv2d_function_gradcheck(dropout, stride, padding, dilation):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_mask_keeps_each_element_with_probability_1_minus_p(p):
-    x = torch.empty(401, 1001)  # an odd count: the last 64-bit draw is used by half
+@pytest.mark.parametrize("device_path", [False, True], ids=["cpu-sfc64", "torch-generator"])
+def test_dropout_mask_keeps_each_element_with_probability_1_minus_p(p, device_path, monkeypatch):
+    """Both ways of drawing: numpy's SFC64 on CPU, and the device generator (run here on CPU)."""
+    if device_path:
+        monkeypatch.setattr(LF, "draw_dropout_mask", LF._mask_from_device_generator)
+    x = torch.empty(401, 1001)  # a count that is not a multiple of 4: the last 64-bit draw is used in part
     torch.manual_seed(3)
     mask = LF.draw_dropout_mask(x, p)
     assert mask.dtype == torch.bool and mask.shape == x.shape
