@@ -278,14 +278,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     x (..., in) -> (..., out). `slices` gives (first column, width) of each adapter group's output;
     None means one group over every column. `dropout` is the probability to use now (0 in eval).
     `fold`: compute through W + ΔW (see the Function); None decides by `folding_pays`. Never with
-    dropout, which the low-rank term sees and the base does not.
+    dropout, which the low-rank term sees and the base does not, nor in 16-bit floats, where
+    W + ΔW would round away the parts of a young update smaller than half a unit of W.
     """
     out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
     if slices is None:
         slices = ((0, out_features),)
     if fold is None:
         fold = folding_pays(x.numel() // max(in_features, 1), in_features, out_features)
-    fold = fold and dropout == 0
+    fold = fold and dropout == 0 and weight.dtype in (torch.float32, torch.float64)
     if fold and not torch.is_grad_enabled():  # inference: one GEMM through W + ΔW, nothing to save
         return F.linear(x, _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices), bias)
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, slices, dropout, fold)

@@ -308,6 +308,18 @@ def test_no_grad_inference_and_merged_weights_give_the_training_output(case, rou
     torch.testing.assert_close(merged, plain, rtol=1e-4, atol=TOL)
 
 
+def test_half_precision_never_folds_a_small_update_into_the_weight():
+    """In bf16, W + ΔW would drop a ΔW below half a unit of W; the low-rank products keep it."""
+    signs = torch.tensor([1.0, -1.0] * 4, dtype=torch.bfloat16)
+    weight = torch.ones(8, 8, dtype=torch.bfloat16)  # a unit of 1.0 in bf16 is 2⁻⁷
+    A, B = (0.05 * signs).view(1, 8), torch.full((8, 1), 0.05, dtype=torch.bfloat16)  # ΔW = ±0.0025 < 2⁻⁸
+    x = signs.expand(4, 64, 8)  # 256 rows, so folding_pays; x Wᵀ = 0 exactly, the update adds 8 · 0.0025
+    assert LF.folding_pays(256, 8, 8)
+    with torch.no_grad():
+        out = LF.lora_linear(x, weight, None, A, B, 1.0)
+    torch.testing.assert_close(out, torch.full_like(out, 0.02), rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_trains_through_the_fused_path(dtype):
     _, lite, loss_fn, _ = make_lite("Linear", 0.1)
