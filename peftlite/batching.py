@@ -93,7 +93,7 @@ _ROUTING: contextvars.ContextVar[dict] = contextvars.ContextVar("peftlite_routin
 
 def active_routing(state: "AdapterState") -> Routing | None:
     """The routing of the call running in this thread for the model that owns `state`, if any."""
-    return _ROUTING.get().get(state)
+    return _ROUTING.get().get(state) if state.mixed_calls else None
 
 
 def check_adapter_names(lora_model: "LoraModel", adapter_names: Any) -> list[str]:
@@ -142,9 +142,11 @@ def mixed_adapters(lora_model: "LoraModel", adapter_names: Sequence[str],
                          "expected one adapter name per sample")
     routing = Routing(lora_model.adapter_state, names)
     token = _ROUTING.set({**_ROUTING.get(), routing.state: routing})
+    routing.state.mixed_calls.append(token)
     try:
         yield routing
     finally:
+        routing.state.mixed_calls.remove(token)
         _ROUTING.reset(token)
 
 

@@ -110,9 +110,10 @@ def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
     generator: torch's own CPU generator makes one draw at a time through MT19937, and
     `bernoulli_` that way took a fifth of a training step (benchmarks/train_step.py); this is
     about 15× faster. So `torch.manual_seed` fixes the mask and checkpointing's RNG restore
-    replays it, but the bits differ from `nn.Dropout`'s for the same seed.
+    replays it, but the bits differ from `nn.Dropout`'s for the same seed (and, under
+    torch.compile, which draws from torch's generator, from eager mode's).
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # numpy would break a compiled graph
         return _mask_from_device_generator(x, p)
     seed = torch.empty((), dtype=torch.int64).random_().item()
     draws = np.random.SFC64(seed).random_raw(_draws_for(x)).view(np.int16)[:x.numel()]
@@ -121,7 +122,7 @@ def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
 
 def _mask_from_device_generator(x: Tensor, p: float) -> Tensor:
     """The same kind of mask from the generator of x's device (CUDA and others)."""
-    draws = torch.empty(_draws_for(x), dtype=torch.int64, device=x.device).random_(-2**63, None)
+    draws = torch.randint(-2**63, 2**63 - 1, (_draws_for(x),), dtype=torch.int64, device=x.device)
     return (draws.view(torch.int16)[:x.numel()] >= _keep_threshold(p)).view(x.shape)
 
 

@@ -28,13 +28,17 @@ class AdapterState:
 
     `active` names the adapter that runs (None: none); `disabled` turns every
     adapter off (the `disable_adapter()` context); `merged_count` counts
-    (layer, adapter) merges so the model can tell "anything merged?" in O(1).
+    (layer, adapter) merges so the model can tell "anything merged?" in O(1);
+    `mixed_calls` holds a token per mixed-adapter call running now in any thread
+    (see batching.mixed_adapters), so that without one, layers skip the per-thread
+    routing lookup, which torch.compile cannot trace.
     """
 
     def __init__(self) -> None:
         self.active: str | None = None
         self.disabled: bool = False
         self.merged_count: int = 0
+        self.mixed_calls: list[object] = []  # append and remove are atomic: no lock needed
 
 
 class LoraAdapter(nn.Module):

@@ -345,3 +345,20 @@ def test_half_precision_base_with_fp32_adapters_casts():
     with torch.no_grad():
         out = lite.base_model(input_ids=token_batch()).logits
     assert out.dtype == torch.bfloat16
+
+
+def test_dropout_compiles_into_one_graph():
+    """Under torch.compile the mask comes from torch's generator: no graph break, training works."""
+    from peftlite.layers import AdapterState, Linear
+    layer = Linear(nn.Linear(16, 8), AdapterState())
+    layer.add_adapter("default", 4, 2.0, 0.5, False, False)
+    layer.state.active = "default"
+    layer.train()
+    x = torch.randn(6, 16)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # a graph break would raise
+    out = compiled(x)
+    out.square().sum().backward()
+    adapter = layer.adapters["default"]
+    without_dropout = layer.base_layer(x) + x @ adapter.lora_A.T @ adapter.lora_B.T * 2.0
+    assert not torch.allclose(out, without_dropout)  # dropout did drop
+    assert torch.isfinite(adapter.lora_A.grad).all() and adapter.lora_A.grad.abs().sum() > 0
