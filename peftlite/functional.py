@@ -109,7 +109,7 @@ def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
     the integers come from numpy's SFC64 generator, seeded by one draw from torch's default
     generator: torch's own CPU generator makes one draw at a time through MT19937, and
     `bernoulli_` that way took a fifth of a training step (benchmarks/train_step.py); this is
-    about 15× faster. So `torch.manual_seed` fixes the mask and checkpointing's RNG restore
+    about 10× faster. So `torch.manual_seed` fixes the mask and checkpointing's RNG restore
     replays it, but the bits differ from `nn.Dropout`'s for the same seed (and, under
     torch.compile, which draws from torch's generator, from eager mode's).
     """
@@ -201,9 +201,8 @@ class LoraLinearFunction(torch.autograd.Function):
     D(x) is never stored: with dropout, x ⊙ M is formed for the matmul and freed, and 1/(1 - p) is
     applied to the r-dim product (equal to the reference up to float rounding).
     Saved: x itself (q, k and v receive the same tensor, so it is stored once), the bool mask, and
-    u (N × g·r). The plain formulation also keeps D(x) — a full fp32 copy of x per
-    layer — and creates two out-sized temporaries (B(·)·s and the sum) in forward and one in-sized
-    sum in backward.
+    u (N × g·r). The plain formulation also keeps D(x) — a full fp32 copy of x per layer — and
+    creates two out-sized temporaries (B(·)·s and the sum) in forward and one in-sized sum in backward.
     """
 
     @staticmethod
@@ -215,8 +214,8 @@ class LoraLinearFunction(torch.autograd.Function):
         if fold:
             w = _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices).t()  # (in, out)
             out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
-            mask = None  # u is only for ∂L/∂B, formed now while x is in cache
-            u = x2 @ lora_A.t() if ctx.needs_input_grad[4] else None
+            mask = None
+            u = x2 @ lora_A.t() if ctx.needs_input_grad[4] else None  # only for ∂L/∂B; x is in cache now
         else:
             w = weight if fan_in_fan_out else weight.t()  # (in, out)
             out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
