@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -73,6 +74,14 @@ def build(config: str) -> tuple[nn.Module, list[nn.Parameter]]:
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+class Step(NamedTuple):
+    """One step: wall and process CPU seconds, the forward pass's wall seconds, minor page faults."""
+    wall: float
+    cpu: float
+    forward: float
+    faults: int
+
+
 class Stepper:
     """One config ready to step: model, optimizer and a fixed batch."""
 
@@ -81,18 +90,20 @@ class Stepper:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         self.ids = torch.randint(2, 8192, (BATCH, seq), generator=torch.Generator().manual_seed(1))
 
-    def step(self) -> tuple[float, float]:
-        """(wall seconds, process CPU seconds) of one step."""
+    def step(self) -> Step:
         start, cpu = time.perf_counter(), time.process_time()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        forward = time.perf_counter() - start
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start, time.process_time() - cpu
+        return Step(time.perf_counter() - start, time.process_time() - cpu, forward,
+                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
 
-def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    """(wall, CPU) seconds of each step per config, steps interleaved across configs round by round.
+def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, list[Step]]:
+    """Every timed step per config, steps interleaved across configs round by round.
 
     CPU time (both threads summed) is printed beside wall time because on a shared machine wall
     time also counts the waits for a core.
@@ -100,20 +111,20 @@ def time_configs(configs: list[str], seq: int, rounds: int) -> dict[str, list[tu
     steppers = {c: Stepper(c, seq) for c in configs}
     for stepper in steppers.values():  # warm-up: allocator, thread pool, lazy inits
         stepper.step()
-    times: dict[str, list[tuple[float, float]]] = {c: [] for c in configs}
+    times: dict[str, list[Step]] = {c: [] for c in configs}
     for _ in range(rounds):
         for config, stepper in steppers.items():
             times[config].append(stepper.step())
     return times
 
 
-def paired_ratio(steps: list[tuple[float, float]], reference: list[tuple[float, float]]) -> float:
+def paired_ratio(steps: list[Step], reference: list[Step]) -> float:
     """Median over rounds of (this config's wall time / the reference's in the same round).
 
     The machine's speed drifts by ±10% over seconds on a shared host; a step and its reference
     taken a moment apart see the same drift, so this ratio is steadier than a ratio of medians.
     """
-    return statistics.median(mine[0] / theirs[0] for mine, theirs in zip(steps, reference))
+    return statistics.median(mine.wall / theirs.wall for mine, theirs in zip(steps, reference))
 
 
 def peak_rss_child(config: str, seq: int) -> None:
@@ -160,7 +171,7 @@ def main() -> None:
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(default allocator)')}")
     if not args.skip_time:
         times = time_configs(configs, args.seq_time, args.rounds)
-        medians = {c: (statistics.median(w for w, _ in t), statistics.median(cpu for _, cpu in t))
+        medians = {c: (statistics.median(step.wall for step in t), statistics.median(step.cpu for step in t))
                    for c, t in times.items()}
         print(f"\nstep time, seq {args.seq_time}, median of {args.rounds} interleaved steps: wall | CPU, "
               "ratios of the medians, and [the median of the ratios within each round, wall]")
@@ -175,6 +186,12 @@ def main() -> None:
                 line += (f"   {wall / medians[peer][0]:6.3f}x | {cpu / medians[peer][1]:6.3f}x "
                          f"[{paired_ratio(times[config], times[peer]):6.3f}x] peft")
             print(line)
+        print("\nwhere a step goes (medians): forward | backward + optimizer, wall ms; minor page faults")
+        for config, steps in times.items():
+            forward = statistics.median(step.forward for step in steps)
+            rest = statistics.median(step.wall - step.forward for step in steps)
+            print(f"  {config:14s} {forward * 1000:8.1f} | {rest * 1000:8.1f} ms "
+                  f"{statistics.median(step.faults for step in steps):9.0f} faults")
     if not args.skip_mem:
         print(f"\npeak RSS, seq {args.seq_mem}, lowest of {args.mem_runs} fresh processes per config")
         results = {config: peak_rss(config, args.seq_mem, args.threads, args.mem_runs) for config in configs}
