@@ -211,14 +211,13 @@ class LoraLinearFunction(torch.autograd.Function):
                 dropout: float, fold: bool) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         r = lora_A.shape[0] // len(slices)
+        w = (_folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices).t() if fold
+             else weight if fan_in_fan_out else weight.t())  # (in, out)
+        out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
         if fold:
-            w = _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices).t()  # (in, out)
-            out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
             mask = None
             u = x2 @ lora_A.t() if ctx.needs_input_grad[4] else None  # only for ∂L/∂B; x is in cache now
         else:
-            w = weight if fan_in_fan_out else weight.t()  # (in, out)
-            out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
             mask = draw_dropout_mask(x2, dropout) if dropout > 0 else None
             if mask is None:
                 u = x2 @ lora_A.t()  # (N, g·r)

@@ -48,10 +48,10 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "swin": ["qkv"],
 }
 
-# Lazy: the first numbered segment is the layer (`layers.1.experts.0.w1` is layer 1), as PEFT reads it.
 # Heads PEFT trains in full for task_type "SEQ_CLS" (whichever of them the model has).
 SEQ_CLS_HEADS = ("classifier", "score")
 
+# Lazy: the first numbered segment is the layer (`layers.1.experts.0.w1` is layer 1), as PEFT reads it.
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 
 
