@@ -151,6 +151,30 @@ def dropout(x: Tensor, p: float) -> Tensor:
     return apply_dropout_mask(x, draw_dropout_mask(x, p), p) if p > 0 else x
 
 
+MASKED_BLOCK_BYTES = 1 << 20
+
+
+def _row_blocks(x2: Tensor) -> list[slice]:
+    """x2 (N, in) cut into blocks of rows of about MASKED_BLOCK_BYTES (one block off the CPU)."""
+    rows = x2.shape[0]
+    if x2.device.type == "cpu":
+        rows = max(1, min(rows, MASKED_BLOCK_BYTES // max(x2.shape[1] * x2.element_size(), 1)))
+    return [slice(start, start + rows) for start in range(0, x2.shape[0], max(rows, 1))]
+
+
+def _masked_row_blocks(x2: Tensor, mask: Tensor):
+    """(rows, x2[rows] ⊙ M[rows]) block after block, each written into the same reused buffer.
+
+    On CPU a block of about a MiB stays in cache from the multiply to the matmul that reads it,
+    and the buffer's pages are touched once; x ⊙ M in one piece is a fresh in-sized tensor that
+    costs a page fault per 4 KiB and a round trip through memory.
+    """
+    blocks = _row_blocks(x2)
+    buffer = x2.new_empty(blocks[0].stop - blocks[0].start if blocks else 0, x2.shape[1])
+    for rows in blocks:
+        yield rows, torch.mul(x2[rows], as_bytes(mask[rows]), out=buffer[:x2[rows].shape[0]])
+
+
 def folding_pays(rows: int, in_features: int, out_features: int) -> bool:
     """Whether a training step is cheaper with ΔW folded into W than with the low-rank products.
 
@@ -221,8 +245,10 @@ class LoraLinearFunction(torch.autograd.Function):
             mask = draw_dropout_mask(x2, dropout) if dropout > 0 else None
             if mask is None:
                 u = x2 @ lora_A.t()  # (N, g·r)
-            else:  # D(x) Aᵀ = ((x ⊙ M) Aᵀ) / (1 - p): one in-sized temporary, the scale applied at rank r
-                u = (x2 * as_bytes(mask)) @ lora_A.t()
+            else:  # D(x) Aᵀ = ((x ⊙ M) Aᵀ) / (1 - p), the scale applied at rank r
+                u = x2.new_empty(x2.shape[0], lora_A.shape[0])
+                for rows, masked in _masked_row_blocks(x2, mask):
+                    torch.mm(masked, lora_A.t(), out=u[rows])
                 u.mul_(1 / (1 - dropout))
             for k, (start, size) in enumerate(slices):
                 out[:, start:start + size].addmm_(u[:, k * r:(k + 1) * r], lora_B[k * size:(k + 1) * size].t(),
@@ -250,7 +276,13 @@ class LoraLinearFunction(torch.autograd.Function):
             g_u = _per_group([g[:, start:start + size] @ lora_B[k * size:(k + 1) * size]
                               for k, (start, size) in enumerate(slices)], dim=1).mul_(s)  # (N, g·r)
         if need_A:
-            grad_A = g_u.t() @ x2 if mask is None else (g_u * (1 / (1 - p))).t() @ (x2 * as_bytes(mask))  # (g·r, in)
+            if mask is None:
+                grad_A = g_u.t() @ x2  # (g·r, in)
+            else:
+                g_u_kept = g_u * (1 / (1 - p))
+                grad_A = x2.new_zeros(g_u.shape[1], x2.shape[1])  # (g·r, in)
+                for rows, masked in _masked_row_blocks(x2, mask):
+                    grad_A.addmm_(g_u_kept[rows].t(), masked)
         if need_x:
             if ctx.fold:
                 grad_x = g @ _folded_weight(weight, lora_A, lora_B, s, ctx.fan_in_fan_out, slices)  # (N, in)
@@ -259,7 +291,11 @@ class LoraLinearFunction(torch.autograd.Function):
                 if mask is None:
                     grad_x.addmm_(g_u, lora_A)
                 else:
-                    grad_x.addcmul_(g_u @ lora_A, as_bytes(mask), value=1 / (1 - p))
+                    blocks = _row_blocks(grad_x)  # D(∂L/∂u A) block by block, through one cached buffer
+                    buffer = grad_x.new_empty(blocks[0].stop - blocks[0].start if blocks else 0, grad_x.shape[1])
+                    for rows in blocks:
+                        lora_grad = torch.mm(g_u[rows], lora_A, out=buffer[:grad_x[rows].shape[0]])
+                        grad_x[rows].addcmul_(lora_grad, as_bytes(mask[rows]), value=1 / (1 - p))
             grad_x = grad_x.view(ctx.x_shape)
         if need_W:
             grad_W = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
