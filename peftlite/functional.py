@@ -141,6 +141,21 @@ def as_bytes(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8)
 
 
+def pack_rows(mask: Tensor) -> Tensor:
+    """A bool mask (N, in) to keep until backward: on CPU as bits, eight to a byte along each row,
+    (N, ⌈in/8⌉) uint8; elsewhere (and while compiling, which numpy would break) the mask itself."""
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return mask
+    return torch.from_numpy(np.packbits(mask.numpy(), axis=1))
+
+
+def mask_rows(stored: Tensor, rows: slice, width: int) -> Tensor:
+    """Rows of a mask from `pack_rows` (or a bool mask) as 0/1 uint8, (len(rows), width)."""
+    if stored.dtype == torch.bool:
+        return as_bytes(stored[rows])
+    return torch.from_numpy(np.unpackbits(stored[rows].numpy(), axis=1, count=width))
+
+
 def apply_dropout_mask(x: Tensor, mask: Tensor, p: float) -> Tensor:
     """x · mask / (1 - p), the value F.dropout returns for that mask."""
     return x * mask.to(x.dtype).div_(1 - p)
@@ -172,7 +187,7 @@ def _masked_row_blocks(x2: Tensor, mask: Tensor):
     blocks = _row_blocks(x2)
     buffer = x2.new_empty(blocks[0].stop - blocks[0].start if blocks else 0, x2.shape[1])
     for rows in blocks:
-        yield rows, torch.mul(x2[rows], as_bytes(mask[rows]), out=buffer[:x2[rows].shape[0]])
+        yield rows, torch.mul(x2[rows], mask_rows(mask, rows, x2.shape[1]), out=buffer[:x2[rows].shape[0]])
 
 
 def folding_pays(rows: int, in_features: int, out_features: int) -> bool:
@@ -222,10 +237,11 @@ class LoraLinearFunction(torch.autograd.Function):
     Folded (no dropout, `folding_pays`): with W' = W + Σ_k s·B_k A_k formed on the fly and freed,
     y = x W'ᵀ + b and ∂L/∂x = G W', each one GEMM of the base's own size; u is then only needed
     for ∂L/∂B. Two rank-r products of N rows fewer each step.
-    D(x) is never stored: with dropout, x ⊙ M is formed for the matmul and freed, and 1/(1 - p) is
-    applied to the r-dim product (equal to the reference up to float rounding).
-    Saved: x itself (q, k and v receive the same tensor, so it is stored once), the bool mask, and
-    u (N × g·r). The plain formulation also keeps D(x) — a full fp32 copy of x per layer — and
+    D(x) is never stored: with dropout, x ⊙ M is formed a block of rows at a time in one reused
+    buffer, right before the matmul that reads it, and 1/(1 - p) is applied to the r-dim product
+    (equal to the reference up to float rounding).
+    Saved: x itself (q, k and v receive the same tensor, so it is stored once), the mask as bits
+    (`pack_rows`), and u (N × g·r). The plain formulation also keeps D(x) — a full fp32 copy of x per layer — and
     creates two out-sized temporaries (B(·)·s and the sum) in forward and one in-sized sum in backward.
     """
 
@@ -250,6 +266,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 for rows, masked in _masked_row_blocks(x2, mask):
                     torch.mm(masked, lora_A.t(), out=u[rows])
                 u.mul_(1 / (1 - dropout))
+                mask = pack_rows(mask)  # an eighth of a byte an element until backward
             for k, (start, size) in enumerate(slices):
                 out[:, start:start + size].addmm_(u[:, k * r:(k + 1) * r], lora_B[k * size:(k + 1) * size].t(),
                                                   alpha=scaling)
@@ -295,7 +312,7 @@ class LoraLinearFunction(torch.autograd.Function):
                     buffer = grad_x.new_empty(blocks[0].stop - blocks[0].start if blocks else 0, grad_x.shape[1])
                     for rows in blocks:
                         lora_grad = torch.mm(g_u[rows], lora_A, out=buffer[:grad_x[rows].shape[0]])
-                        grad_x[rows].addcmul_(lora_grad, as_bytes(mask[rows]), value=1 / (1 - p))
+                        grad_x[rows].addcmul_(lora_grad, mask_rows(mask, rows, grad_x.shape[1]), value=1 / (1 - p))
             grad_x = grad_x.view(ctx.x_shape)
         if need_W:
             grad_W = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2

@@ -278,16 +278,16 @@ def test_folded_and_unfolded_routes_choose_by_cost_and_agree():
 
 
 def test_function_saves_shared_input_once():
-    """q, k and v receive one tensor: the graph holds one copy of it, and the mask as bools."""
-    x = torch.randn(4, 8, requires_grad=True)
-    weight, A = torch.randn(8, 8), torch.randn(2, 8, requires_grad=True)
+    """q, k and v receive one tensor: the graph holds one copy of it, and the mask as bits."""
+    x = torch.randn(4, 16, requires_grad=True)
+    weight, A = torch.randn(8, 16), torch.randn(2, 16, requires_grad=True)
     outs = [LF.lora_linear(x, weight, None, A, torch.randn(8, 2, requires_grad=True), 1.0, dropout=0.5)
             for _ in range(3)]
     for out in outs:
         saved = [t for t in out.grad_fn.saved_tensors if t is not None]
         assert any(t.data_ptr() == x.data_ptr() for t in saved)
         assert not any(t.shape == x.shape and t.dtype == x.dtype and t.data_ptr() != x.data_ptr() for t in saved)
-        assert any(t.dtype == torch.bool and t.shape == x.shape for t in saved)
+        assert any(t.dtype == torch.uint8 and t.shape == (4, 2) for t in saved)  # 16 bits a row in 2 bytes
 
 
 # ---- it keeps working: checkpointing, no_grad, merged, half precision ------------------------
