@@ -2,7 +2,8 @@
 
 The model: a Llama-style causal LM (4 layers, d=512, intermediate 1376, vocab 8192, random
 weights from a config: no Hub), fp32, r=16 on q,k,v,o,gate,up,down, batch 8, 2 CPU threads.
-A step is forward + backward + AdamW on the trainable parameters.
+A step is forward + backward + AdamW on the trainable parameters, fused as transformers' Trainer
+runs it by default (optim "adamw_torch_fused" with torch >= 2.8).
 
 - floor: the same model and batch with every weight frozen; one trainable scalar multiplies the
   input embeddings so autograd still runs backward through the whole model.
@@ -87,7 +88,7 @@ class Stepper:
 
     def __init__(self, config: str, seq: int) -> None:
         self.model, params = build(config)
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
         self.ids = torch.randint(2, 8192, (BATCH, seq), generator=torch.Generator().manual_seed(1))
 
     def step(self) -> Step:
