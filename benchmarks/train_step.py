@@ -18,10 +18,12 @@ Memory (seq 512): each config runs in a fresh subprocess that reports its peak R
     .venv/bin/python benchmarks/train_step.py              # both, prints ratios
     .venv/bin/python benchmarks/train_step.py --rounds 3   # quicker, noisier
 
-Allocator: with glibc's default malloc, buffers of a few MiB are returned to the OS after each
-use and page-faulted back in on the next, which slows the elementwise ops of every config, and
-LoRA configs (which hold more saved tensors) pay this more often. Keeping freed memory in the
-process, as jemalloc/tcmalloc or these glibc tunables do, removes that cost for all configs:
+Allocator: with glibc's default malloc, some large buffers (the 64 MiB logits-sized ones among
+them) are returned to the OS after use and page-faulted back in on the next step. Which ones
+depends on the heap's layout, so it differs per config and per run (the faults column shows
+it: 0 to 49K a step for the floor alone), and it moves every ratio by a few percent. Keeping
+freed memory in the process, as jemalloc/tcmalloc or these glibc tunables do, removes that
+cost for all configs:
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184 \
         .venv/bin/python benchmarks/train_step.py --skip-mem
 The header line says which allocator setting a run used; peak RSS is best measured without it.
