@@ -113,11 +113,16 @@ def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
     replays it, but the bits differ from `nn.Dropout`'s for the same seed (and, under
     torch.compile, which draws from torch's generator, from eager mode's).
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling():  # numpy would break a compiled graph
+    if not _numpy_serves(x):
         return _mask_from_device_generator(x, p)
     seed = torch.empty((), dtype=torch.int64).random_().item()
     draws = np.random.SFC64(seed).random_raw(_draws_for(x)).view(np.int16)[:x.numel()]
     return torch.from_numpy(draws >= _keep_threshold(p)).view(x.shape)  # numpy compares 2-3× faster here
+
+
+def _numpy_serves(t: Tensor) -> bool:
+    """Whether numpy may work on t: a CPU tensor outside torch.compile (numpy breaks the graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _mask_from_device_generator(x: Tensor, p: float) -> Tensor:
@@ -144,7 +149,7 @@ def as_bytes(mask: Tensor) -> Tensor:
 def pack_rows(mask: Tensor) -> Tensor:
     """A bool mask (N, in) to keep until backward: on CPU as bits, eight to a byte along each row,
     (N, ⌈in/8⌉) uint8; elsewhere (and while compiling, which numpy would break) the mask itself."""
-    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _numpy_serves(mask):
         return mask
     return torch.from_numpy(np.packbits(mask.numpy(), axis=1))
 
