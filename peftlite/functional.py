@@ -115,9 +115,46 @@ def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
     """
     if not _numpy_serves(x):
         return _mask_from_device_generator(x, p)
-    seed = torch.empty((), dtype=torch.int64).random_().item()
-    draws = np.random.SFC64(seed).random_raw(_draws_for(x)).view(np.int16)[:x.numel()]
+    draws = Int16Draws(_seed_from_torch()).take(x.numel())
     return torch.from_numpy(draws >= _keep_threshold(p)).view(x.shape)  # numpy compares 2-3× faster here
+
+
+def keep_mask_blocks(x2: Tensor, p: float, blocks: list[slice]):
+    """`draw_dropout_mask(x2, p)` a block of rows at a time, on CPU: the same bits, never whole.
+
+    x2 (N, in); `blocks` are consecutive slices of its rows from 0 to N. Yields one bool tensor
+    (rows, in) per block, written into the same buffer each time: use it before the next.
+    """
+    draws, threshold = Int16Draws(_seed_from_torch()), _keep_threshold(p)
+    width = x2.shape[1]
+    keep = np.empty((max(rows.stop - rows.start for rows in blocks), width), dtype=bool)
+    for rows in blocks:
+        count = rows.stop - rows.start
+        block = np.greater_equal(draws.take(count * width).reshape(count, width), threshold, out=keep[:count])
+        yield torch.from_numpy(block)
+
+
+class Int16Draws:
+    """Uniform int16 values from one SFC64 stream, taken in pieces of any size.
+
+    Each 64-bit draw gives four; what a piece leaves of its last draw starts the next piece, so
+    the values are the same however the elements are split into pieces.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.bits = np.random.SFC64(seed)
+        self.spare = np.empty(0, dtype=np.int16)
+
+    def take(self, count: int) -> np.ndarray:
+        fresh = self.bits.random_raw(_draws_for(count - len(self.spare))).view(np.int16)
+        values = np.concatenate((self.spare, fresh)) if len(self.spare) else fresh
+        self.spare = values[count:]
+        return values[:count]
+
+
+def _seed_from_torch() -> int:
+    """One draw from torch's default CPU generator: what `torch.manual_seed` and checkpointing fix."""
+    return torch.empty((), dtype=torch.int64).random_().item()
 
 
 def _numpy_serves(t: Tensor) -> bool:
@@ -127,12 +164,12 @@ def _numpy_serves(t: Tensor) -> bool:
 
 def _mask_from_device_generator(x: Tensor, p: float) -> Tensor:
     """The same kind of mask from the generator of x's device (CUDA and others)."""
-    draws = torch.randint(-2**63, 2**63 - 1, (_draws_for(x),), dtype=torch.int64, device=x.device)
+    draws = torch.randint(-2**63, 2**63 - 1, (_draws_for(x.numel()),), dtype=torch.int64, device=x.device)
     return (draws.view(torch.int16)[:x.numel()] >= _keep_threshold(p)).view(x.shape)
 
 
-def _draws_for(x: Tensor) -> int:
-    return (x.numel() + 3) // 4  # 64-bit draws, four 16-bit integers each
+def _draws_for(count: int) -> int:
+    return (count + 3) // 4  # 64-bit draws, four 16-bit integers each
 
 
 def _keep_threshold(p: float) -> int:
@@ -147,10 +184,7 @@ def as_bytes(mask: Tensor) -> Tensor:
 
 
 def pack_rows(mask: Tensor) -> Tensor:
-    """A bool mask (N, in) to keep until backward: on CPU as bits, eight to a byte along each row,
-    (N, ⌈in/8⌉) uint8; elsewhere (and while compiling, which numpy would break) the mask itself."""
-    if not _numpy_serves(mask):
-        return mask
+    """A CPU bool mask (N, in) as bits, eight to a byte along each row: (N, ⌈in/8⌉) uint8."""
     return torch.from_numpy(np.packbits(mask.numpy(), axis=1))
 
 
@@ -196,6 +230,29 @@ def _masked_row_blocks(x2: Tensor, mask: Tensor):
     blocks, buffer = _row_blocks(x2)
     for rows in blocks:
         yield rows, torch.mul(x2[rows], mask_rows(mask, rows, x2.shape[1]), out=buffer[:rows.stop - rows.start])
+
+
+def _dropout_product(x2: Tensor, lora_A: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """u = D(x2) Aᵀ = ((x2 ⊙ M) Aᵀ) / (1 - p), (N, g·r), and the mask M to keep for backward.
+
+    The scale is applied at rank r. On CPU each block of rows draws its part of the mask
+    (`keep_mask_blocks`), uses it at once and keeps it as bits: the mask never exists whole as
+    bools, nor do the draws behind it. Elsewhere the device generator draws the whole bool mask,
+    and that is kept.
+    """
+    blocks, buffer = _row_blocks(x2)
+    if _numpy_serves(x2):
+        keeps, kept = keep_mask_blocks(x2, p, blocks), x2.new_empty(x2.shape[0], -(-x2.shape[1] // 8), dtype=torch.uint8)
+    else:
+        kept = _mask_from_device_generator(x2, p)
+        keeps = (kept[rows] for rows in blocks)
+    u = x2.new_empty(x2.shape[0], lora_A.shape[0])
+    for rows, keep in zip(blocks, keeps):
+        masked = torch.mul(x2[rows], as_bytes(keep), out=buffer[:rows.stop - rows.start])
+        torch.mm(masked, lora_A.t(), out=u[rows])
+        if kept.dtype == torch.uint8:
+            kept[rows] = pack_rows(keep)
+    return u.mul_(1 / (1 - p)), kept
 
 
 def folding_pays(rows: int, in_features: int, out_features: int) -> bool:
@@ -267,15 +324,7 @@ class LoraLinearFunction(torch.autograd.Function):
             mask = None
             u = x2 @ lora_A.t() if ctx.needs_input_grad[4] else None  # only for ∂L/∂B; x is in cache now
         else:
-            mask = draw_dropout_mask(x2, dropout) if dropout > 0 else None
-            if mask is None:
-                u = x2 @ lora_A.t()  # (N, g·r)
-            else:  # D(x) Aᵀ = ((x ⊙ M) Aᵀ) / (1 - p), the scale applied at rank r
-                u = x2.new_empty(x2.shape[0], lora_A.shape[0])
-                for rows, masked in _masked_row_blocks(x2, mask):
-                    torch.mm(masked, lora_A.t(), out=u[rows])
-                u.mul_(1 / (1 - dropout))
-                mask = pack_rows(mask)  # an eighth of a byte an element until backward
+            u, mask = _dropout_product(x2, lora_A, dropout) if dropout > 0 else (x2 @ lora_A.t(), None)  # (N, g·r)
             for k, (start, size) in enumerate(slices):
                 out[:, start:start + size].addmm_(u[:, k * r:(k + 1) * r], lora_B[k * size:(k + 1) * size].t(),
                                                   alpha=scaling)

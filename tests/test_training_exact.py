@@ -260,6 +260,20 @@ def test_dropout_mask_keeps_each_element_with_probability_1_minus_p(p, device_pa
     torch.testing.assert_close(LF.apply_dropout_mask(x.normal_(), mask, p), x * mask / (1 - p))
 
 
+@pytest.mark.parametrize("block_rows", [1, 3, 7, 401])
+def test_mask_drawn_in_blocks_of_rows_is_the_whole_mask(block_rows):
+    """The Function draws its mask a block of rows at a time; the bits must not depend on the blocks
+    (1001 columns: blocks end inside a 64-bit draw, whose rest starts the next block)."""
+    x = torch.empty(401, 1001)
+    torch.manual_seed(4)
+    whole = LF.draw_dropout_mask(x, 0.3)
+    torch.manual_seed(4)
+    blocks = [slice(start, min(start + block_rows, 401)) for start in range(0, 401, block_rows)]
+    pieces = [keep.clone() for keep in LF.keep_mask_blocks(x, 0.3, blocks)]
+    assert [piece.shape[0] for piece in pieces] == [rows.stop - rows.start for rows in blocks]
+    assert torch.equal(torch.cat(pieces), whole)
+
+
 def test_folded_and_unfolded_routes_choose_by_cost_and_agree():
     assert LF.folding_pays(2048, 512, 1376) and not LF.folding_pays(256, 4096, 4096)
     assert LF.folding_pays(513, 512, 512) and not LF.folding_pays(512, 512, 512)
