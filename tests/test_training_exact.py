@@ -274,6 +274,16 @@ def test_mask_drawn_in_blocks_of_rows_is_the_whole_mask(block_rows):
     assert torch.equal(torch.cat(pieces), whole)
 
 
+@pytest.mark.parametrize("dropout, fold", [(0.0, True), (0.0, False), (0.3, False)])
+def test_function_takes_an_empty_batch(dropout, fold):
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    out = LF.lora_linear(x, torch.randn(6, 8), torch.randn(6), A, B, 0.5, dropout=dropout, fold=fold)
+    assert out.shape == (0, 3, 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and not A.grad.any() and not B.grad.any()
+
+
 def test_folded_and_unfolded_routes_choose_by_cost_and_agree():
     assert LF.folding_pays(2048, 512, 1376) and not LF.folding_pays(256, 4096, 4096)
     assert LF.folding_pays(513, 512, 512) and not LF.folding_pays(512, 512, 512)
