@@ -217,18 +217,28 @@ def _row_blocks(x2: Tensor) -> list[slice]:
     return [slice(start, min(start + step, n)) for start in range(0, max(n, 1), max(step, 1))]  # one if n = 0
 
 
-def _masked_row_blocks(x2: Tensor, mask: Tensor):
-    """(rows, x2[rows] ⊙ M[rows]) block after block, each written into the same reused buffer.
+def _apply_mask_in_blocks(mask: Tensor, g_u: Tensor, x2: Tensor | None, grad_x: Tensor | None) -> Tensor | None:
+    """Backward's two uses of the dropout mask M, a block of rows at a time, M unpacked once a block.
 
-    So the dropped-out input never exists whole. In one piece, x ⊙ M is a fresh in-sized tensor
-    for every product, and glibc's malloc often hands such sizes out as new pages: a page fault
-    every 4 KiB (7.6K faults in one forward pass of a Llama block's seven layers at 2048 rows,
-    none with blocks). Where freed memory stays in the process, both ways run at the same speed.
+    Returns ∂L/∂A = g_uᵀ (x2 ⊙ M) (g·r, in) if x2 (N, in) is given, else None; multiplies grad_x
+    (N, in), if given, by M in place. x2 ⊙ M is formed in one reused buffer, so the dropped-out
+    input never exists whole. In one piece it would be a fresh in-sized tensor for every product,
+    and glibc's malloc often hands such sizes out as new pages: a page fault every 4 KiB (7.6K
+    faults in one forward pass of a Llama block's seven layers at 2048 rows, none with blocks).
     """
-    blocks = _row_blocks(x2)
-    buffer = x2.new_empty(blocks[0].stop, x2.shape[1])  # the first block is the largest
+    rows_like = x2 if x2 is not None else grad_x
+    blocks, width = _row_blocks(rows_like), rows_like.shape[1]
+    grad_A = buffer = None
+    if x2 is not None:
+        grad_A = x2.new_zeros(g_u.shape[1], width)
+        buffer = x2.new_empty(blocks[0].stop, width)  # the first block is the largest
     for rows in blocks:
-        yield rows, torch.mul(x2[rows], mask_rows(mask, rows, x2.shape[1]), out=buffer[:rows.stop - rows.start])
+        keep = mask_rows(mask, rows, width)
+        if x2 is not None:
+            grad_A.addmm_(g_u[rows].t(), torch.mul(x2[rows], keep, out=buffer[:rows.stop - rows.start]))
+        if grad_x is not None:
+            grad_x[rows].mul_(keep)
+    return grad_A
 
 
 def _dropout_product(x2: Tensor, lora_A: Tensor, p: float) -> tuple[Tensor, Tensor]:
@@ -242,7 +252,8 @@ def _dropout_product(x2: Tensor, lora_A: Tensor, p: float) -> tuple[Tensor, Tens
     blocks = _row_blocks(x2)
     buffer = x2.new_empty(blocks[0].stop, x2.shape[1])
     if _numpy_serves(x2):
-        keeps, kept = keep_mask_blocks(x2, p, blocks), x2.new_empty(x2.shape[0], -(-x2.shape[1] // 8), dtype=torch.uint8)
+        keeps = keep_mask_blocks(x2, p, blocks)
+        kept = x2.new_empty(x2.shape[0], -(-x2.shape[1] // 8), dtype=torch.uint8)  # the bits, 8 to a byte
     else:
         kept = _mask_from_device_generator(x2, p)
         keeps = (kept[rows] for rows in blocks)
@@ -365,21 +376,16 @@ class LoraLinearFunction(torch.autograd.Function):
         if (need_x and not ctx.fold) or need_A:  # ∂L/∂u · 1/(1 - p): D's scale, then only M is left to apply
             g_u = _per_group([g[:, start:start + size] @ lora_B[k * size:(k + 1) * size]
                               for k, (start, size) in enumerate(slices)], dim=1).mul_(s / (1 - p))  # (N, g·r)
-        if need_A:
-            if mask is None:
-                grad_A = g_u.t() @ x2  # (g·r, in)
-            else:
-                grad_A = x2.new_zeros(g_u.shape[1], x2.shape[1])  # (g·r, in)
-                for rows, masked in _masked_row_blocks(x2, mask):
-                    grad_A.addmm_(g_u[rows].t(), masked)
+        if need_x and not ctx.fold:
+            grad_x = g_u @ lora_A  # (N, in): D(∂L/∂u A) once M is applied; the base GEMM adds G W below
+        if mask is not None:
+            grad_A = _apply_mask_in_blocks(mask, g_u, x2 if need_A else None, grad_x)
+        elif need_A:
+            grad_A = g_u.t() @ x2  # (g·r, in)
         if need_x:
             if ctx.fold:
                 grad_x = g @ _folded_weight(weight, lora_A, lora_B, s, ctx.fan_in_fan_out, slices)  # (N, in)
             else:
-                grad_x = g_u @ lora_A  # (N, in); the base GEMM adds G W into it, as in forward
-                if mask is not None:
-                    for rows in _row_blocks(grad_x):
-                        grad_x[rows].mul_(mask_rows(mask, rows, grad_x.shape[1]))
                 grad_x.addmm_(g, weight.t() if ctx.fan_in_fan_out else weight)
             grad_x = grad_x.view(ctx.x_shape)
         if need_W:

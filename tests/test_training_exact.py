@@ -219,6 +219,7 @@ def test_lora_linear_function_gradcheck(fan_in_fan_out, slices, dropout, fold, b
 
     assert torch.autograd.gradcheck(f, (x, weight, rand(out), A, B))
     assert torch.autograd.gradcheck(f, (x, weight.detach(), None, A, B))  # frozen base, no bias
+    assert torch.autograd.gradcheck(f, (x, weight.detach(), None, A.detach(), B))  # and A frozen: x not saved
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
