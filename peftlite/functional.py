@@ -269,12 +269,15 @@ def _dropout_product(x2: Tensor, lora_A: Tensor, p: float) -> tuple[Tensor, Tens
 def folding_pays(rows: int, in_features: int, out_features: int) -> bool:
     """Whether a training step is cheaper with ΔW folded into W than with the low-rank products.
 
-    Unfolded, the six rank-r products cost 3·rows·r·(in + out); folded, forming W + ΔW in forward
-    and again in backward costs 2·out·in·r, and the two products that it replaces are gone, leaving
-    2·rows·r·(in + out). So folding pays once the batch has more rows than the harmonic mean of
-    in and out: large batches of tokens on moderate widths.
+    Folded, forming W + ΔW in forward and again in backward costs two passes over an out × in
+    weight; unfolded, the rank-r term is written into the output and into ∂L/∂x before the base
+    GEMMs add into them, which costs those GEMMs a read of rows × (in + out) more. Measured per
+    layer (benchmarks/train_step.py's widths, 512 and 1376): unfolded is 10% faster at 512 rows,
+    even at 2048, 1-2% slower at 4096 and 2-7% slower at 8192; in the model, folding also raised
+    peak memory by 2-3% at 4096 rows (each transient W + ΔW leaves a hole in the heap between
+    saved activations). So fold once rows pass 8× the harmonic mean of in and out.
     """
-    return rows * (in_features + out_features) > 2 * in_features * out_features
+    return rows * (in_features + out_features) > 16 * in_features * out_features
 
 
 def _per_group(parts: list[Tensor], dim: int) -> Tensor:

@@ -286,8 +286,8 @@ def test_function_takes_an_empty_batch(dropout, fold):
 
 
 def test_folded_and_unfolded_routes_choose_by_cost_and_agree():
-    assert LF.folding_pays(2048, 512, 1376) and not LF.folding_pays(256, 4096, 4096)
-    assert LF.folding_pays(513, 512, 512) and not LF.folding_pays(512, 512, 512)
+    assert LF.folding_pays(8192, 512, 1376) and not LF.folding_pays(2048, 512, 1376)
+    assert LF.folding_pays(4097, 512, 512) and not LF.folding_pays(4096, 512, 512)
     x, weight, bias = torch.randn(3, 40, 8), torch.randn(6, 8), torch.randn(6)
     A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
     results = []
