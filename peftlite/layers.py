@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import batching
 from . import functional as LF
+from . import masks
 
 
 class AdapterState:
@@ -59,7 +60,7 @@ class LoraAdapter(nn.Module):
         self.merge_weights = merge_weights
 
     def dropped(self, x: Tensor) -> Tensor:
-        return LF.dropout(x, self.dropout_now())
+        return masks.dropout(x, self.dropout_now())
 
     def dropout_now(self) -> float:
         """The dropout probability in effect: 0 without dropout or in eval mode."""

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlite import functional as LF
+from peftlite import masks
 from peftlite.layers import AdapterState, Conv2d, Embedding, Linear, MergedLinear, make_lora_layer
 from tiny_models import one_torch_thread
 
@@ -175,7 +176,7 @@ def test_dropout_applies_to_the_lora_input_in_training_only():
     torch.manual_seed(1)
     trained = layer(x)
     torch.manual_seed(1)
-    dropped = x * LF.draw_dropout_mask(x, 0.5) / 0.5
+    dropped = x * masks.draw_dropout_mask(x, 0.5) / 0.5
     torch.testing.assert_close(trained, base_out + dropped @ A.T @ B.T * 0.5, atol=ATOL, rtol=1e-5)
 
 

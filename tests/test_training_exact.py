@@ -23,6 +23,7 @@ from torch import nn
 
 from peftlite import LoraConfig, get_lora_model
 from peftlite import functional as LF
+from peftlite import masks
 from peftlite.layers import Conv2d, Embedding, LoraLayer, MergedLinear
 from tiny_models import (LLAMA_TARGETS, ConvNet, copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_llama,
                          token_batch)
@@ -50,7 +51,7 @@ class PlainLora(nn.Module):
         base = self.base_layer(x)
         if isinstance(layer, Embedding):  # PEFT applies no dropout to embeddings
             return base + F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) @ B.T * s
-        dropped = x * LF.draw_dropout_mask(x, p) / (1 - p) if p > 0 else x
+        dropped = x * masks.draw_dropout_mask(x, p) / (1 - p) if p > 0 else x
         if isinstance(layer, Conv2d):
             conv = self.base_layer
             after_A = F.conv2d(dropped, A, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
@@ -242,13 +243,12 @@ def test_lora_conv2d_function_gradcheck(dropout, stride, padding, dilation):
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("device_path", [False, True], ids=["cpu-sfc64", "torch-generator"])
-def test_dropout_mask_keeps_each_element_with_probability_1_minus_p(p, device_path, monkeypatch):
+def test_dropout_mask_keeps_each_element_with_probability_1_minus_p(p, device_path):
     """Both ways of drawing: numpy's SFC64 on CPU, and the device generator (run here on CPU)."""
-    if device_path:
-        monkeypatch.setattr(LF, "draw_dropout_mask", LF._mask_from_device_generator)
+    draw = masks.mask_from_device_generator if device_path else masks.draw_dropout_mask
     x = torch.empty(401, 1001)  # a count that is not a multiple of 4: the last 64-bit draw is used in part
     torch.manual_seed(3)
-    mask = LF.draw_dropout_mask(x, p)
+    mask = draw(x, p)
     assert mask.dtype == torch.bool and mask.shape == x.shape
     n = mask.numel()
     assert abs(mask.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # 5 standard errors
@@ -256,9 +256,9 @@ def test_dropout_mask_keeps_each_element_with_probability_1_minus_p(p, device_pa
         rates = mask.float().mean(axis)
         assert (rates - (1 - p)).abs().max() < 6 * (p * (1 - p) / mask.shape[axis]) ** 0.5
     torch.manual_seed(3)
-    assert torch.equal(LF.draw_dropout_mask(x, p), mask)  # the seed fixes the mask
-    assert not torch.equal(LF.draw_dropout_mask(x, p), mask)  # and the next draw is a new one
-    torch.testing.assert_close(LF.apply_dropout_mask(x.normal_(), mask, p), x * mask / (1 - p))
+    assert torch.equal(draw(x, p), mask)  # the seed fixes the mask
+    assert not torch.equal(draw(x, p), mask)  # and the next draw is a new one
+    torch.testing.assert_close(masks.apply_dropout_mask(x.normal_(), mask, p), x * mask / (1 - p))
 
 
 @pytest.mark.parametrize("block_rows", [1, 3, 7, 401])
@@ -267,10 +267,10 @@ def test_mask_drawn_in_blocks_of_rows_is_the_whole_mask(block_rows):
     (1001 columns: blocks end inside a 64-bit draw, whose rest starts the next block)."""
     x = torch.empty(401, 1001)
     torch.manual_seed(4)
-    whole = LF.draw_dropout_mask(x, 0.3)
+    whole = masks.draw_dropout_mask(x, 0.3)
     torch.manual_seed(4)
     blocks = [slice(start, min(start + block_rows, 401)) for start in range(0, 401, block_rows)]
-    pieces = [keep.clone() for keep in LF.keep_mask_blocks(x, 0.3, blocks)]
+    pieces = [keep.clone() for keep in masks.keep_mask_blocks(x, 0.3, blocks)]
     assert [piece.shape[0] for piece in pieces] == [rows.stop - rows.start for rows in blocks]
     assert torch.equal(torch.cat(pieces), whole)
 
