@@ -12,11 +12,17 @@ runs it by default (optim "adamw_torch_fused" with torch >= 2.8).
 Time (seq 256): every config is built once in this process, then steps are interleaved round by
 round (floor, peft, peftlite, ...) so machine noise hits all alike; each figure is a median, and
 each ratio is given two ways: of the medians, and the median of the ratios within one round.
+Work (seq 256): the FLOPs of every matrix product in one step, base and rank-r apart, counted
+at the aten calls. LoRA adds r=16 products worth 5.5% of the floor's, and saves the input
+gradient of layer 0's q, k and v (their input, the embeddings, needs none): net 1.032x. So at
+the base GEMMs' own speed the rank-r products would cost about 3% of a step; they run at less
+than half that speed (skinny products, bound by memory bandwidth), which is most of the gap.
 Memory (seq 512): each config runs in a fresh subprocess that reports its peak RSS
 (VmHWM), the model build included, as a user sees it.
 
     .venv/bin/python benchmarks/train_step.py              # both, prints ratios
     .venv/bin/python benchmarks/train_step.py --rounds 3   # quicker, noisier
+    .venv/bin/python benchmarks/train_step.py --skip-time --skip-mem   # the work only
 
 Allocator: with glibc's default malloc, some large buffers (the 64 MiB logits-sized ones among
 them) are returned to the OS after use and page-faulted back in on the next step. Which ones
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -43,6 +50,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -130,6 +138,47 @@ def paired_ratio(steps: list[Step], reference: list[Step]) -> float:
     return statistics.median(mine.wall / theirs.wall for mine, theirs in zip(steps, reference))
 
 
+class OpTimes(TorchDispatchMode):
+    """Wall time of every aten call run under it, and the FLOPs of the matrix products, by kind.
+
+    Kinds: "base" products, "rank-r" products (a side ≤ RANK), and "other" (everything else).
+    torch.utils.flop_counter misses in-place and out= products (addmm_, mm.out), which is how
+    peftlite's Functions run most of theirs, so this counts the aten calls itself. The timing
+    adds a few µs a call, and attention kernels count as "other".
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = dict.fromkeys(("base", "rank-r", "other"), 0)
+        self.seconds = dict.fromkeys(self.flops, 0.0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        seconds, kind, flops = time.perf_counter() - start, "other", 0
+        name = func.__name__.split(".")[0]
+        if name in ("mm", "addmm", "addmm_", "bmm", "baddbmm"):
+            left, right = args[:2] if name in ("mm", "bmm") else args[1:3]
+            m, k, n = left.shape[-2], left.shape[-1], right.shape[-1]
+            kind, flops = ("rank-r" if min(m, k, n) <= RANK else "base"), 2 * math.prod(left.shape[:-1]) * k * n
+        self.flops[kind] += flops
+        self.seconds[kind] += seconds
+        return out
+
+
+def op_times(configs: list[str], seq: int, rounds: int) -> dict[str, OpTimes]:
+    """`OpTimes` of each config over `rounds` steps, interleaved round by round as `time_configs`."""
+    steppers = {c: Stepper(c, seq) for c in configs}
+    for stepper in steppers.values():
+        stepper.step()
+    times = {c: OpTimes() for c in configs}
+    for _ in range(rounds):
+        for config, stepper in steppers.items():
+            with times[config]:
+                stepper.step()
+    return times
+
+
 def peak_rss_child(config: str, seq: int) -> None:
     """Run in a fresh process: build, take two steps, print peak RSS in MiB (and after-build RSS)."""
     stepper = Stepper(config, seq)
@@ -164,6 +213,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-mem", action="store_true")
+    parser.add_argument("--skip-work", action="store_true")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -195,6 +245,20 @@ def main() -> None:
             rest = statistics.median(step.wall - step.forward for step in steps)
             print(f"  {config:14s} {forward * 1000:8.1f} | {rest * 1000:8.1f} ms "
                   f"{statistics.median(step.faults for step in steps):9.0f} faults")
+    if not args.skip_work:
+        print(f"\nwork of a step, seq {args.seq_time}: matrix-product GFLOP (x floor); "
+              "ms (share of the step) at GFLOP/s, by kind of op; 3 interleaved steps")
+        steps = 3
+        work = op_times(configs, args.seq_time, steps)
+        floor_flops = sum(work["floor"].flops.values()) if "floor" in work else None
+        for config, w in work.items():
+            total_flops, total_seconds = sum(w.flops.values()), sum(w.seconds.values())
+            line = f"  {config:14s} {total_flops / steps / 1e9:6.1f}"
+            line += f" ({total_flops / floor_flops:5.3f}x)" if floor_flops else ""
+            for kind in w.flops:
+                line += f"   {kind} {w.seconds[kind] / steps * 1000:5.0f} ({w.seconds[kind] / total_seconds:5.1%})"
+                line += f" at {w.flops[kind] / w.seconds[kind] / 1e9:3.0f}" if w.flops[kind] else ""
+            print(line)
     if not args.skip_mem:
         print(f"\npeak RSS, seq {args.seq_mem}, lowest of {args.mem_runs} fresh processes per config")
         results = {config: peak_rss(config, args.seq_mem, args.threads, args.mem_runs) for config in configs}
