@@ -127,15 +127,15 @@ def _apply_mask_in_blocks(mask: Tensor, g_u: Tensor, x2: Tensor | None, grad_x: 
     blocks, width = _row_blocks(rows_like), rows_like.shape[1]
     grad_A = buffer = None
     if x2 is not None:
-        grad_A = x2.new_zeros(g_u.shape[1], width)
+        grad_A = x2.new_zeros(width, g_u.shape[1])  # (in, g·r), transposed as in the Function's backward
         buffer = x2.new_empty(blocks[0].stop, width)  # the first block is the largest
     for rows in blocks:
         keep = mask_rows(mask, rows, width)
         if x2 is not None:
-            grad_A.addmm_(g_u[rows].t(), torch.mul(x2[rows], keep, out=buffer[:rows.stop - rows.start]))
+            grad_A.addmm_(torch.mul(x2[rows], keep, out=buffer[:rows.stop - rows.start]).t(), g_u[rows])
         if grad_x is not None:
             grad_x[rows].mul_(keep)
-    return grad_A
+    return grad_A.t() if grad_A is not None else None
 
 
 def _dropout_product(x2: Tensor, lora_A: Tensor, p: float) -> tuple[Tensor, Tensor]:
@@ -281,7 +281,9 @@ class LoraLinearFunction(torch.autograd.Function):
         if mask is not None:
             grad_A = _apply_mask_in_blocks(mask, g_u, x2 if need_A else None, grad_x)
         elif need_A:
-            grad_A = g_u.t() @ x2  # (g·r, in)
+            # (g·r, in) as the transpose of x2ᵀ (∂L/∂u): the same numbers, but MKL forms this skinny
+            # product 25-40% faster that way round (2048 rows, in 512 and 1376, measured)
+            grad_A = (x2.t() @ g_u).t()
         if need_x:
             if ctx.fold:
                 grad_x = g @ _folded_weight(weight, lora_A, lora_B, s, ctx.fan_in_fan_out, slices)  # (N, in)
