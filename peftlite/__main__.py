@@ -1,5 +1,5 @@
 """`python -m peftlite ...` runs the command line (also what `accelerate launch -m peftlite` starts)."""
 
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

@@ -1,9 +1,12 @@
-"""LoraConfig: what an adapter is, validated once, stored as PEFT writes it.
+"""LoraConfig: what an adapter is, validated once, and the one parser of PEFT's config dicts.
 
-The field names are PEFT's so that `adapter_config.json` files move between
-the two libraries unchanged. Everything is checked in `__post_init__`, so a
-config that exists is a config that can be applied; nothing downstream
-re-validates or rewrites it.
+The field names and defaults are PEFT 0.21's, every one of them, so code that
+builds a `peft.LoraConfig` builds ours unchanged and `adapter_config.json`
+files move between the two libraries. `__post_init__` checks everything: a
+config that exists can be applied. A PEFT field whose value peftlite cannot
+honour (a variant it does not implement, a distributed-only option) is refused
+there with the field's name, so `LoraConfig(...)`, `LoraConfig.from_dict(...)`
+and reading a file all answer alike.
 """
 
 from __future__ import annotations
@@ -12,36 +15,45 @@ import dataclasses
 import json
 import math
 import re
+import re._constants as _sre  # the regex parser's node types, to refuse nested repeats
+import re._parser as _sre_parse
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
-BIAS_MODES = ("none", "all", "lora_only")
-CONFIG_NAME = "adapter_config.json"
+from torch import nn
+
+ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 BASE_NAME = "__base__"  # in a mixed batch's adapter_names: this sample runs the base model
+BIAS_MODES = ("none", "all", "lora_only")
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+INIT_MODES = (True, False, "gaussian")
+MAX_ALPHA = 3.4e38  # float32's range: alpha / r reaches kernels as a float32 scalar
+MAX_RANK = 1 << 16  # far above any useful rank; a typo such as r=10**12 fails here, not in an allocation
+# Names nn.Module (and so nn.ModuleDict) owns: an adapter of that name could not be a ModuleDict key.
+RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict()) if not name.startswith("__"))
+
+# PEFT fields that change the math unless left at one of these values (the first is the default).
+UNSUPPORTED: dict[str, tuple] = {
+    "use_dora": (False,), "lora_bias": (False,), "use_qalora": (False,), "use_bdlora": (None, False),
+    "layer_replication": (None,), "target_parameters": (None, []), "trainable_token_indices": (None,),
+    "alora_invocation_tokens": (None,), "arrow_config": (None,), "kasa_config": (None,),
+    "monteclora_config": (None,), "megatron_config": (None,), "eva_config": (None,),
+    "corda_config": (None,), "lora_ga_config": (None,), "velora_config": (None,),
+}
+# PEFT fields that are bookkeeping or only steer how an adapter is first built.
+BOOKKEEPING = ("auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+               "layers_pattern", "loftq_config", "runtime_config")
 
 
 def check_adapter_name(name: object) -> str:
-    """Adapter names become folder names and dict keys: `[A-Za-z0-9_-]+` only."""
+    """Adapter names become folder names and ModuleDict keys: `[A-Za-z0-9_-]`, 1 to 128 of them."""
     if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.fullmatch(name):
-        raise ValueError(
-            f"adapter name {name!r} is invalid: expected a non-empty string of letters, "
-            "digits, '_' or '-'"
-        )
-    if name == BASE_NAME:
-        raise ValueError(f"adapter name {name!r} is reserved: in adapter_names it means 'no adapter'")
+        raise ValueError(f"adapter name {name!r} is invalid: expected 1 to 128 letters, digits, '_' or '-'")
+    if name == BASE_NAME or name in RESERVED_NAMES:
+        raise ValueError(f"adapter name {name!r} is reserved (it names 'no adapter' or an nn.Module "
+                         "attribute): expected another name")
     return name
-
-
-def _check_regex(field_name: str, pattern: object, as_suffix: bool = False) -> None:
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"{field_name} regex {pattern!r} is invalid: expected a non-empty regex string")
-    try:
-        # Compile the form it is used in (`_pattern_value` wraps pattern keys), so inline flags
-        # such as "(?i)" inside a wrapped key fail here, not halfway through applying a config.
-        re.compile(_suffix_regex(pattern) if as_suffix else pattern)
-    except re.error as err:
-        raise ValueError(f"{field_name} regex {pattern!r} is not a valid regex: {err}") from None
 
 
 def _is_number(value: object) -> bool:
@@ -53,130 +65,202 @@ def _is_number(value: object) -> bool:
         return False
 
 
-MAX_ALPHA = 3.4e38  # float32's range: the scaling alpha / r is passed to kernels as a float32 scalar
-
-
 def _is_alpha(value: object) -> bool:
-    return _is_number(value) and 0 < value <= MAX_ALPHA
+    return _is_number(value) and 0 < value <= MAX_ALPHA  # type: ignore[operator]
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_RANK
+
+
+def _check_regex(field_name: str, pattern: object) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"{field_name} regex {pattern!r} is invalid: expected a non-empty regex string")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{field_name} regex {pattern!r} is not a valid regex: {err}") from None
 
 
 def _check_targets(field_name: str, value: object) -> None:
     """A list of module names, a full-match regex string, or None."""
-    if value is None:
+    if value is None or (value == "all-linear" and field_name == "target_modules"):
         return
     if isinstance(value, str):
-        if value == "all-linear" and field_name == "target_modules":
-            return
         _check_regex(field_name, value)
         return
-    if isinstance(value, (list, tuple, set)):
-        if not value:
+    if isinstance(value, list):
+        if not value and field_name == "target_modules":
             raise ValueError(f"{field_name}={value!r} is empty: expected at least one module name")
         for name in value:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"{field_name} entry {name!r} is invalid: expected a non-empty module name")
         return
-    raise ValueError(
-        f"{field_name}={value!r} is invalid: expected a list of module names, a regex string or None"
-    )
+    raise ValueError(f"{field_name}={value!r} is invalid: expected a list of module names, a regex string or None")
+
+
+_PLAIN_KEY = re.compile(r"[\w.-]+")
+
+
+def _nested_repeat(items: Any, inside_repeat: bool = False) -> bool:
+    """Whether a parsed regex repeats something that itself repeats: the shape that backtracks exponentially."""
+    for op, arg in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            if inside_repeat or _nested_repeat(arg[2], inside_repeat=arg[1] > 1):
+                return True
+        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            if _nested_repeat(arg[-1], inside_repeat):
+                return True
+        elif op == _sre.BRANCH and any(_nested_repeat(branch, inside_repeat) for branch in arg[1]):
+            return True
+    return False
+
+
+def _check_pattern_key(field_name: str, key: object) -> None:
+    """A rank/alpha pattern key: a module name or dotted suffix, or a regex PEFT-style.
+
+    PEFT matches keys as `(.*\\.)?(key)$` regexes. Plain names match by suffix
+    without a regex engine; a regex with a repeat inside a repeat ("(.+)+Z") is
+    refused, since matching it against a long module path can take minutes.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{field_name} key {key!r} is invalid: expected a module name or dotted path suffix")
+    if _PLAIN_KEY.fullmatch(key):
+        return
+    try:
+        parsed = _sre_parse.parse(key)
+    except re.error as err:
+        raise ValueError(f"{field_name} key {key!r} is not a valid regex: {err}") from None
+    if _nested_repeat(parsed.data):
+        raise ValueError(f"{field_name} key {key!r} repeats a repeated group, which can take exponential time "
+                         "to match: expected a module name or a regex without nested repeats")
 
 
 @dataclass
 class LoraConfig:
-    """The hyperparameters of one LoRA adapter (PEFT's field names and defaults)."""
+    """The hyperparameters of one LoRA adapter: PEFT's fields and defaults, checked on creation."""
 
-    r: int = 8
-    lora_alpha: float = 8
-    # suffix names | full-match regex | "all-linear" | None = per-architecture default
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    lora_dropout: float = 0.0
-    # weight stored (in, out) as in transformers' Conv1D; set per layer automatically for Conv1D
-    fan_in_fan_out: bool = False
-    # loralib semantics: model.eval() merges, model.train() unmerges
-    merge_weights: bool = False
-    bias: str = "none"
-    # fused QKV: which equal output slices get LoRA (MergedLinear)
-    enable_lora: list[bool] | None = None
-    modules_to_save: list[str] | None = None
-    use_rslora: bool = False
-    init_lora_weights: bool | str = True
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    layers_to_transform: list[int] | int | None = None
     task_type: str | None = None
+    peft_type: str | None = "LORA"
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
+    r: int = 8
+    # suffix names | full-match regex | "all-linear" | None = per-architecture default
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    # weight stored (in, out) as in transformers' Conv1D; read per layer from the base layer's type
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    use_dora: bool = False
+    velora_config: Any = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Any = None
+    layer_replication: list[tuple[int, int]] | None = None
+    runtime_config: Any = None
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    kasa_config: Any = None
+    ensure_weight_tying: bool = False
+    # peftlite's own: loralib's model.eval() merges / model.train() unmerges
+    merge_weights: bool = False
+    # fused QKV: which equal output slices get LoRA (MergedLinear)
+    enable_lora: list[bool] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules, key=repr)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules, key=repr)
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), (set, tuple)):
+                setattr(self, name, sorted(getattr(self, name), key=repr))
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
+        for name in ("modules_to_save", "enable_lora", "layers_to_transform"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        if self.peft_type is None:
+            self.peft_type = "LORA"
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"r={self.r!r} is invalid: expected an integer >= 1")
+        if self.peft_type != "LORA":
+            raise ValueError(f"peft_type={self.peft_type!r} is not supported: peftlite is LoRA only, expected 'LORA'")
+        for name, allowed in UNSUPPORTED.items():
+            if not any(getattr(self, name) == value for value in allowed):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by peftlite: expected "
+                                 f"{allowed[0]!r}")
+        if not _is_rank(self.r):
+            raise ValueError(f"r={self.r!r} is invalid: expected an integer from 1 to {MAX_RANK}")
         if not _is_alpha(self.lora_alpha):
-            raise ValueError(
-                f"lora_alpha={self.lora_alpha!r} is invalid: expected a number > 0 and <= {MAX_ALPHA:.4g}")
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} is invalid: expected a number > 0 and <= {MAX_ALPHA:.4g}")
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} is invalid: expected a number in [0, 1)")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is invalid: expected one of {list(BIAS_MODES)}")
-        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
-            raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is invalid: expected True, False or 'gaussian'"
-            )
-        for name in ("fan_in_fan_out", "merge_weights", "use_rslora", "inference_mode"):
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type={self.task_type!r} is invalid: expected None or one of {list(TASK_TYPES)}")
+        if not any(self.init_lora_weights is mode or self.init_lora_weights == mode and isinstance(mode, str)
+                   for mode in INIT_MODES):
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported: expected one of "
+                             f"{list(INIT_MODES)}")
+        for name in ("fan_in_fan_out", "merge_weights", "use_rslora", "inference_mode", "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected True or False")
         _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
-        if self.enable_lora is not None:
-            if (not isinstance(self.enable_lora, (list, tuple)) or not self.enable_lora
-                    or not all(isinstance(e, bool) for e in self.enable_lora) or not any(self.enable_lora)):
-                raise ValueError(
-                    f"enable_lora={self.enable_lora!r} is invalid: expected a non-empty list of booleans "
-                    "with at least one True"
-                )
-            self.enable_lora = list(self.enable_lora)
-        if self.modules_to_save is not None:
-            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
-                    isinstance(m, str) and m for m in self.modules_to_save):
-                raise ValueError(
-                    f"modules_to_save={self.modules_to_save!r} is invalid: expected a list of module names"
-                )
-            self.modules_to_save = list(self.modules_to_save)
-        for name, check in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                            ("alpha_pattern", _is_alpha)):
+        self._validate_lists()
+        for name, check, expected in (("rank_pattern", _is_rank, f"an integer from 1 to {MAX_RANK}"),
+                                      ("alpha_pattern", _is_alpha, f"a number > 0 and <= {MAX_ALPHA:.4g}")):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
-                raise ValueError(f"{name}={pattern!r} is invalid: expected a dict of regex -> value")
+                raise ValueError(f"{name}={pattern!r} is invalid: expected a dict of module name -> value")
             for key, value in pattern.items():
-                _check_regex(name, key, as_suffix=True)
+                _check_pattern_key(name, key)
                 if not check(value):
-                    expected = "an integer >= 1" if name == "rank_pattern" else f"a number > 0 and <= {MAX_ALPHA:.4g}"
                     raise ValueError(f"{name}[{key!r}]={value!r} is invalid: expected {expected}")
-        if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
-            if not isinstance(layers, (list, tuple)) or not layers or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-                raise ValueError(
-                    f"layers_to_transform={layers!r} is invalid: expected a non-negative int or a list of them"
-                )
-            self.layers_to_transform = list(layers)
-        for name in ("task_type", "base_model_name_or_path", "revision"):
+        for name in ("base_model_name_or_path", "revision"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name}={value!r} is invalid: expected a string or None")
 
+    def _validate_lists(self) -> None:
+        if self.enable_lora is not None and (
+                not isinstance(self.enable_lora, list) or not self.enable_lora
+                or not all(isinstance(e, bool) for e in self.enable_lora) or not any(self.enable_lora)):
+            raise ValueError(f"enable_lora={self.enable_lora!r} is invalid: expected a non-empty list of booleans "
+                             "with at least one True")
+        if self.modules_to_save is not None and (
+                not isinstance(self.modules_to_save, list)
+                or not all(isinstance(m, str) and m for m in self.modules_to_save)):
+            raise ValueError(f"modules_to_save={self.modules_to_save!r} is invalid: expected a list of module names")
+        layers = self.layers_to_transform
+        if layers is not None and (not isinstance(layers, list) or not layers or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+            raise ValueError(f"layers_to_transform={layers!r} is invalid: expected a non-negative int or a list")
+
+    # ---- per module -----------------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
-        """The rank of the adapter on `module_path`: the first matching rank_pattern, else r."""
+        """The rank on `module_path`: the first rank_pattern key it equals or ends with, else r."""
         return _pattern_value(self.rank_pattern, module_path, self.r)
 
     def alpha_for(self, module_path: str) -> float:
@@ -187,51 +271,59 @@ class LoraConfig:
         r, alpha = self.rank_for(module_path), self.alpha_for(module_path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
+    # ---- dict and file forms --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form: PEFT's keys plus `peft_type`."""
-        out = {"peft_type": "LORA"}
+        """The JSON form, PEFT's keys (plus peftlite's merge_weights and enable_lora)."""
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
-        """Build from a dict such as `to_dict()` or a PEFT `adapter_config.json`.
+    def from_dict(cls, data: Any, source: str = "adapter config", require_peft_type: bool = False) -> "LoraConfig":
+        """The one parser of a config dict: `to_dict()` output, or a PEFT `adapter_config.json` object.
 
-        Keys peftlite does not know are ignored (the caller may warn); `peft_type`
-        must be LORA when present.
+        Keys neither library knows are dropped with one warning. Every PEFT field is
+        either honoured or refused (ValueError naming it and `source`). A file must say
+        `peft_type` (require_peft_type), as PEFT requires.
         """
         if not isinstance(data, dict):
-            raise ValueError(f"adapter config {data!r} is invalid: expected a JSON object")
-        peft_type = data.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise ValueError(f"peft_type={peft_type!r} is not supported: peftlite loads only 'LORA' adapters")
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if require_peft_type and "peft_type" not in data:
+            raise ValueError(f"{source}: no 'peft_type': expected a PEFT adapter config with \"peft_type\": \"LORA\"")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def save_pretrained(self, save_directory: str) -> None:
-        """Write `adapter_config.json` into `save_directory` (atomically)."""
-        from .files import write_config
-        write_config(self, save_directory)
-
-    @classmethod
-    def from_pretrained(cls, model_id_or_path: str, **hub_kwargs: Any) -> "LoraConfig":
-        """Read `adapter_config.json` from a local directory or a Hub repo."""
-        from .files import read_config
-        return read_config(model_id_or_path, **hub_kwargs)
+        unknown = sorted(str(k) for k in data if k not in names)
+        if unknown:
+            warnings.warn(f"{source}: ignoring config keys peftlite does not know: {unknown}", stacklevel=3)
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if isinstance(kwargs.get("runtime_config"), dict):  # PEFT writes its LoraRuntimeConfig as a dict
+            kwargs["runtime_config"] = None
+        if kwargs.get("init_lora_weights") in ("eva", "orthogonal", "corda", "loftq", "lora_ga"):
+            kwargs["init_lora_weights"] = True  # only the starting point: a trained adapter is plain LoRA
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from None
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
 
-def _suffix_regex(key: str) -> str:
-    """A rank/alpha pattern matches a whole path or a dotted suffix of it."""
-    return rf"(?:.*\.)?(?:{key})"
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
 
 
-def _pattern_value(patterns: dict, module_path: str, default):
+def _pattern_value(patterns: dict, module_path: str, default: Any) -> Any:
+    """The value of the first key matching `module_path` as PEFT matches it (a path suffix)."""
     for key, value in patterns.items():
-        if re.fullmatch(_suffix_regex(key), module_path):
+        if _PLAIN_KEY.fullmatch(key):
+            if module_path == key or module_path.endswith("." + key):
+                return value
+        elif re.match(rf"(?:.*\.)?(?:{key})$", module_path):
             return value
     return default

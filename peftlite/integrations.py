@@ -30,7 +30,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
-from .model import LoraModel
+from .peft_model import LoraModel
 
 
 class LoraTrainer(Trainer):

@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-import peftlite.files as files
+import peftlite.io.files as files
 from peftlite import LoraConfig, LoraModel, get_lora_model
 
 NAMES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
@@ -50,7 +50,7 @@ CHILD = textwrap.dedent("""
     import os, signal, sys, time
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (a `&` job)
     sys.path.insert(0, {tests!r})
-    import peftlite.files as files
+    import peftlite.io.files as files
     from test_atomic_save import adapter
     directory, stage = sys.argv[1], sys.argv[2]
     model = adapter(1)
@@ -194,7 +194,7 @@ def failing(stage: str, monkeypatch):
             raise OSError("rename failed")
         monkeypatch.setattr(files.os, "replace", replace)
     elif stage == "config":  # the weights are staged, the config is written, then Ctrl-C
-        real_text_writer = files._text_writer
+        real_text_writer = files.text_writer
 
         def text_writer(text):
             write = real_text_writer(text)

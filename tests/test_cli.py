@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from peftlite import LoraModel, training
-from peftlite.cli import describe_adapter, main
+from peftlite import LoraModel
+from peftlite.app import training
+from peftlite.app.cli import describe_adapter, main
 from tiny_models import tiny_bert, tiny_gpt2, tiny_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,9 +309,9 @@ def test_push_uploads_the_adapter_files_in_one_commit(work, trained, monkeypatch
 
 
 def test_demo_prints_what_peftlite_demo_run_returns(monkeypatch, capsys):
-    fake = type(sys)("peftlite.demo")
+    fake = type(sys)("peftlite.app.demo")
     fake.run = lambda: {"accuracy_before": 0.5, "accuracy_after": 0.9}
-    monkeypatch.setitem(sys.modules, "peftlite.demo", fake)
+    monkeypatch.setitem(sys.modules, "peftlite.app.demo", fake)
     assert main(["demo"]) == 0
     assert json.loads(capsys.readouterr().out) == {"accuracy_before": 0.5, "accuracy_after": 0.9}
 

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from peftlite import LoraConfig
-from peftlite import demo
+from peftlite.app import demo
 from tiny_models import one_torch_thread
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import MLP, tiny_gpt2, tiny_llama, token_batch
 
-import peftlite.files as files
+import peftlite.io.files as files
 from peftlite import LoraConfig, LoraModel, get_lora_model
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -275,7 +275,7 @@ def test_atomic_write_all_removes_staged_files_when_a_writer_fails(tmp_path):
         open(path, "w").write("half")
         raise RuntimeError("crash")
     with pytest.raises(RuntimeError):
-        files.atomic_write_all(tmp_path, {"a.txt": files._text_writer("new a"), "b.txt": fail})
+        files.atomic_write_all(tmp_path, {"a.txt": files.text_writer("new a"), "b.txt": fail})
     assert os.listdir(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlite import functional as LF
-from peftlite import masks
+from peftlite.fast import masks
 from peftlite.layers import AdapterState, Conv2d, Embedding, Linear, MergedLinear, make_lora_layer
 from tiny_models import one_torch_thread
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from peftlite import LoraConfig, get_lora_model
-from peftlite.batching import active_routing
+from peftlite.layers import active_routing
 from tiny_models import (LLAMA_TARGETS, MLP, ConvNet, copy_lora_to_peft, one_torch_thread, tiny_bert, tiny_gpt2,
                          tiny_llama, token_batch)
 

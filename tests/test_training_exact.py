@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlite import LoraConfig, get_lora_model
+from peftlite import fast
 from peftlite import functional as LF
-from peftlite import masks
+from peftlite.fast import linear as fast_linear
+from peftlite.fast import masks
 from peftlite.layers import Conv2d, Embedding, LoraLayer, MergedLinear
 from tiny_models import (LLAMA_TARGETS, ConvNet, copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_llama,
                          token_batch)
@@ -216,7 +218,7 @@ def test_lora_linear_function_gradcheck(fan_in_fan_out, slices, dropout, fold, b
 
     def f(x, weight, bias, A, B):
         torch.manual_seed(5)  # the same dropout mask on every call gradcheck makes
-        return LF.lora_linear(x, weight, bias, A, B, 0.7, fan_in_fan_out, slices, dropout, fold)
+        return fast.lora_linear(x, weight, bias, A, B, 0.7, fan_in_fan_out, slices, dropout, fold)
 
     assert torch.autograd.gradcheck(f, (x, weight, rand(out), A, B))
     assert torch.autograd.gradcheck(f, (x, weight.detach(), None, A, B))  # frozen base, no bias
@@ -235,7 +237,7 @@ def test_lora_conv2d_function_gradcheck(dropout, stride, padding, dilation):
 
     def f(x, weight, bias, A, B):
         torch.manual_seed(5)
-        return LF.lora_conv2d(x, weight, bias, A, B, 0.7, stride, padding, dilation, dropout)
+        return fast.lora_conv2d(x, weight, bias, A, B, 0.7, stride, padding, dilation, dropout)
 
     assert torch.autograd.gradcheck(f, (x, weight, rand(4), A, B))
     assert torch.autograd.gradcheck(f, (x, weight.detach(), None, A, B))
@@ -279,20 +281,20 @@ def test_mask_drawn_in_blocks_of_rows_is_the_whole_mask(block_rows):
 def test_function_takes_an_empty_batch(dropout, fold):
     x = torch.randn(0, 3, 8, requires_grad=True)
     A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
-    out = LF.lora_linear(x, torch.randn(6, 8), torch.randn(6), A, B, 0.5, dropout=dropout, fold=fold)
+    out = fast.lora_linear(x, torch.randn(6, 8), torch.randn(6), A, B, 0.5, dropout=dropout, fold=fold)
     assert out.shape == (0, 3, 6)
     out.sum().backward()
     assert x.grad.shape == x.shape and not A.grad.any() and not B.grad.any()
 
 
 def test_folded_and_unfolded_routes_choose_by_cost_and_agree():
-    assert LF.folding_pays(8192, 512, 1376) and not LF.folding_pays(2048, 512, 1376)
-    assert LF.folding_pays(4097, 512, 512) and not LF.folding_pays(4096, 512, 512)
+    assert fast_linear.folding_pays(8192, 512, 1376) and not fast_linear.folding_pays(2048, 512, 1376)
+    assert fast_linear.folding_pays(4097, 512, 512) and not fast_linear.folding_pays(4096, 512, 512)
     x, weight, bias = torch.randn(3, 40, 8), torch.randn(6, 8), torch.randn(6)
     A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
     results = []
     for fold in (True, False):
-        out = LF.lora_linear(x, weight, bias, A, B, 0.5, fold=fold)
+        out = fast.lora_linear(x, weight, bias, A, B, 0.5, fold=fold)
         out.square().sum().backward()
         results.append((out, A.grad, B.grad))
         A.grad = B.grad = None
@@ -306,7 +308,7 @@ def test_function_saves_shared_input_once():
     """q, k and v receive one tensor: the graph holds one copy of it, and the mask as bits."""
     x = torch.randn(4, 16, requires_grad=True)
     weight, A = torch.randn(8, 16), torch.randn(2, 16, requires_grad=True)
-    outs = [LF.lora_linear(x, weight, None, A, torch.randn(8, 2, requires_grad=True), 1.0, dropout=0.5)
+    outs = [fast.lora_linear(x, weight, None, A, torch.randn(8, 2, requires_grad=True), 1.0, dropout=0.5)
             for _ in range(3)]
     for out in outs:
         saved = [t for t in out.grad_fn.saved_tensors if t is not None]
@@ -349,9 +351,9 @@ def test_half_precision_never_folds_a_small_update_into_the_weight():
     weight = torch.ones(8, 8, dtype=torch.bfloat16)  # a unit of 1.0 in bf16 is 2⁻⁷
     A, B = (0.05 * signs).view(1, 8), torch.full((8, 1), 0.05, dtype=torch.bfloat16)  # ΔW = ±0.0025 < 2⁻⁸
     x = signs.expand(4, 64, 8)  # 256 rows, so folding_pays; x Wᵀ = 0 exactly, the update adds 8 · 0.0025
-    assert LF.folding_pays(256, 8, 8)
+    assert fast_linear.folding_pays(256, 8, 8)
     with torch.no_grad():
-        out = LF.lora_linear(x, weight, None, A, B, 1.0)
+        out = fast.lora_linear(x, weight, None, A, B, 1.0)
     torch.testing.assert_close(out, torch.full_like(out, 0.02), rtol=1e-2, atol=0)
 
 

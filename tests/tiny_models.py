@@ -84,14 +84,14 @@ def copy_lora_to_peft(lite_model, peft_model, adapter_name: str = "default") -> 
     for path, layer in lite_model.lora_layers():
         if adapter_name not in layer.adapters:  # an adapter may cover only some of the wrapped layers
             continue
-        record = layer.adapters[adapter_name]
+        lora_A, lora_B = layer.factors(adapter_name)
         peft_layer = peft_model.base_model.model.get_submodule(path)
         if hasattr(peft_layer, "lora_embedding_A") and adapter_name in peft_layer.lora_embedding_A:
-            peft_layer.lora_embedding_A[adapter_name].data.copy_(record.lora_A)
-            peft_layer.lora_embedding_B[adapter_name].data.copy_(record.lora_B)
+            peft_layer.lora_embedding_A[adapter_name].data.copy_(lora_A)
+            peft_layer.lora_embedding_B[adapter_name].data.copy_(lora_B)
         else:
-            peft_layer.lora_A[adapter_name].weight.data.copy_(record.lora_A)
-            peft_layer.lora_B[adapter_name].weight.data.copy_(record.lora_B)
+            peft_layer.lora_A[adapter_name].weight.data.copy_(lora_A)
+            peft_layer.lora_B[adapter_name].weight.data.copy_(lora_B)
     for path, module in lite_model.saved_modules():
         if adapter_name in module.modules_to_save:
             peft_wrapper = peft_model.base_model.model.get_submodule(path)
@@ -109,7 +109,7 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
         state = model.adapter_state
         lora_state = {"configs": dict(model.peft_config), "active": state.active, "disabled": state.disabled,
                        "merged_count": state.merged_count,
-                       "merged": {path: list(layer.merged) for path, layer in model.lora_layers()}}
+                       "merged": {path: list(layer.merged_adapters) for path, layer in model.lora_layers()}}
     return {
         "modules": [(path, type(module).__name__) for path, module in model.named_modules()],
         "params": {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()},

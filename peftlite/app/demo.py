@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import LoraConfig
-from .layers import LoraLayer, ModulesToSave
-from .model import LoraModel, get_lora_model
+from ..config import LoraConfig
+from ..layers import LoraLayer, ModulesToSave
+from ..peft_model import LoraModel, get_lora_model
 
 # Sentences are (template, subject, adjective); a template marked negated flips the adjective's label.
 POSITIVE = ["great", "wonderful", "excellent", "delightful", "fantastic", "superb", "lovely", "brilliant",
@@ -50,6 +50,8 @@ TEMPLATES = [  # (text, negated)
     ("I would never call this {s} {a}.", True),
 ]
 LABELS = ("negative", "positive")  # label ids 0 and 1
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 
 def sentiment_examples(seed: int = 0) -> list[tuple[str, int]]:
@@ -129,8 +131,6 @@ def train(model: LoraModel, encoded: dict[str, torch.Tensor], labels: torch.Tens
 
 def load_base(model_path: str, seed: int) -> nn.Module:
     """MiniLM with a fresh 2-way head (seeded, so every run starts from the same head)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head's "newly initialized weights" notice is expected here
@@ -173,7 +173,6 @@ def run(work_dir: str | os.PathLike | None = None, n_train: int = 256, n_test: i
     Raises:
         RuntimeError if the reloaded or merged model does not reproduce the trained model's logits.
     """
-    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="peftlite-demo-"))

@@ -10,7 +10,6 @@ repo, then one commit with every file of the adapter directory.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +70,3 @@ def push_directory(directory: str | os.PathLike, repo_id: str, private: bool | N
                   for p in files]
     return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload LoRA adapter (peftlite)",
                              revision=revision)
-
-
-def push_adapter(lora_model, repo_id: str, adapter_name: str | None = None, private: bool | None = None,
-                 token: str | None = None, commit_message: str | None = None, revision: str | None = None) -> Any:
-    """Save and upload adapters (LoraModel.push_to_hub).
-
-    adapter_name=None pushes every adapter laid out as save_pretrained lays
-    them out; a name pushes that adapter alone at the repo root, so
-    `from_pretrained(model, repo_id)` loads it.
-    """
-    from .files import save_adapters
-    if adapter_name is not None:
-        lora_model.check_adapter(adapter_name)
-    with tempfile.TemporaryDirectory(prefix="peftlite-push-") as tmp:
-        save_adapters(lora_model, tmp, None if adapter_name is None else [adapter_name])
-        folder = Path(tmp) if adapter_name in (None, "default") else Path(tmp) / adapter_name
-        return push_directory(folder, repo_id, private=private, token=token, commit_message=commit_message,
-                              revision=revision)

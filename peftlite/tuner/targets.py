@@ -11,10 +11,9 @@ from __future__ import annotations
 import re
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .config import LoraConfig
-from .layers import SUPPORTED_BASE_TYPES, LoraLayer
+from ..config import LoraConfig
+from ..layers import LINEAR_TYPES, LoraLayer, is_supported
 
 # PEFT's defaults for target_modules=None, by transformers `model_type`.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -87,7 +86,7 @@ def base_of(module: nn.Module) -> nn.Module:
 def candidate_names(model: nn.Module) -> list[str]:
     """Short names of every module that could take LoRA, for error messages."""
     return sorted({path.rsplit(".", 1)[-1] for path, module in model.named_modules()
-                   if path and _is_selectable(path) and isinstance(base_of(module), SUPPORTED_BASE_TYPES)})
+                   if path and _is_selectable(path) and is_supported(base_of(module))})
 
 
 def _is_selectable(path: str) -> bool:
@@ -119,9 +118,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         base = base_of(module)
         if selector == "all-linear":
-            if not isinstance(base, (nn.Linear, Conv1D)) or path in heads:
+            if type(base) not in LINEAR_TYPES or path in heads:
                 continue
-        elif not matches(path, selector) or not isinstance(base, SUPPORTED_BASE_TYPES):
+        elif not matches(path, selector):
             continue
         if config.exclude_modules is not None and matches(path, config.exclude_modules):
             continue
@@ -136,10 +135,33 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
-    """Paths of modules named in modules_to_save (by equal path or `.name` suffix)."""
-    found = [path for path, _ in model.named_modules() if path and _is_selectable(path) and matches(path, names)]
-    missing = [n for n in names if not any(matches(p, [n]) for p in found)]
-    if missing:
-        raise ValueError(f"modules_to_save entries {missing!r} match no module of the model")
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
+def modules_to_save_names(config: LoraConfig) -> list[str]:
+    """config.modules_to_save, plus the classification heads for task_type SEQ_CLS (as PEFT adds them)."""
+    names = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        names += [head for head in SEQ_CLS_HEADS if head not in names]
+    return names
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules the config trains in full, outermost first.
+
+    Names that match no module are skipped, as PEFT skips them: code written for
+    several architectures passes ["classifier", "score"] and has one of them.
+    A container (ModuleDict, ModuleList, ...) has no forward to wrap: ValueError.
+    """
+    names = modules_to_save_names(config)
+    found: list[str] = []
+    if not names:
+        return found
+    for path, module in model.named_modules():
+        if (path and _is_selectable(path) and matches(path, names)
+                and not any(path.startswith(p + ".") for p in found)):
+            if isinstance(module, CONTAINERS):
+                raise ValueError(f"modules_to_save entry {path!r} is a {type(module).__name__}, which has no "
+                                 "forward to wrap: expected a module such as a Linear head")
+            found.append(path)
     return found

@@ -36,6 +36,14 @@ from tqdm.auto import tqdm
 
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedType
+from torch.distributed.fsdp import fully_shard
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 
 # ---- data --------------------------------------------------------------------
@@ -163,7 +171,6 @@ def has_tokenizer(model_id: str) -> bool:
 
 def load_tokenizer(model_id: str):
     """The model's tokenizer; a tokenizer without a pad token (GPT-2) pads with its EOS token."""
-    from transformers import AutoTokenizer
     if not has_tokenizer(model_id):
         raise FileNotFoundError(f"--model {model_id!r} has no tokenizer: expected one of {list(TOKENIZER_FILES)}")
     tokenizer = AutoTokenizer.from_pretrained(model_id)
@@ -176,7 +183,6 @@ def load_tokenizer(model_id: str):
 
 def load_base_model(model_id: str, task: str, num_labels: int | None = None, pad_token_id: int | None = None):
     """A transformers model for the task: sequence classification (with `num_labels`) or causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     if task == "seq-cls":
         kwargs = {} if num_labels is None else {"num_labels": num_labels}
         model = AutoModelForSequenceClassification.from_pretrained(model_id, **kwargs)
@@ -219,28 +225,23 @@ class TrainSettings:
 
 def make_accelerator():
     """An Accelerator configured by `accelerate launch` (or one CPU/GPU process when run directly)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
     return Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=False))
 
 
 def is_fsdp(accelerator) -> bool:
     """accelerate's own FSDP (GPUs): it wraps the model in `prepare`."""
-    from accelerate.utils import DistributedType
     return accelerator.distributed_type == DistributedType.FSDP
 
 
 def is_cpu_fsdp(accelerator) -> bool:
     """`accelerate launch --use_fsdp` on CPU: accelerate 1.15 keeps such processes plain MULTI_CPU
     (its FSDP1 plugin refuses CPU, FSDP2 is ignored), so peftlite applies torch's FSDP2 itself."""
-    from accelerate.utils import DistributedType
     return (accelerator.distributed_type == DistributedType.MULTI_CPU
             and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
 
 
 def shard_fsdp2(model: nn.Module) -> nn.Module:
     """torch FSDP2 over the default (gloo) group: each transformer block is one unit, the rest the root."""
-    from torch.distributed.fsdp import fully_shard
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in blocks:

@@ -1,8 +1,8 @@
-"""The one translation between peftlite's in-memory layout and PEFT's file keys.
+"""The one translation between the in-memory layout and PEFT's file keys.
 
-In memory an adapter lives in `layer.adapters[name].lora_A/lora_B` (one
-record per adapter), `ModulesToSave.modules_to_save[name]` and the base
-model's own biases. In a PEFT file the same tensors are named
+In memory an adapter lives where PEFT puts it (`<path>.lora_A.<name>.weight`,
+`<path>.lora_embedding_A.<name>`, `ModulesToSave.modules_to_save[name]`) and
+the base model's own biases. In a PEFT file the same tensors are named
 `base_model.model.<module path>.<suffix>` with no adapter name inside:
 
 | in memory                                   | file suffix (after `<path>.`)        |
@@ -29,9 +29,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .config import LoraConfig
-from .layers import SUPPORTED_BASE_TYPES, LoraLayer, MergedLinear, ModulesToSave
-from .targets import SEQ_CLS_HEADS, matches
+from ..config import LoraConfig
+from ..layers import LoraLayer, MergedLinear, ModulesToSave, is_supported
+from ..tuner.targets import find_modules_to_save
 
 PREFIX = "base_model.model."
 PAIR_SUFFIXES = ("lora_A.weight", "lora_B.weight")
@@ -71,6 +71,16 @@ def key(prefix: str, path: str, suffix: str) -> str:
     return f"{prefix}{path}.{suffix}" if path else f"{prefix}{suffix}"
 
 
+def parse_file_key(name: str) -> tuple[str, str] | None:
+    """(module path, "lora_A" | "lora_B") for a LoRA factor's file key, else None (a saved module, a bias)."""
+    body = name.removeprefix(PREFIX)
+    for suffixes in (PAIR_SUFFIXES, EMBEDDING_PAIR_SUFFIXES):
+        for part, suffix in zip(("lora_A", "lora_B"), suffixes):
+            if body.endswith("." + suffix):
+                return body[:-len(suffix) - 1], part
+    return None
+
+
 # ---- MergedLinear <-> PEFT's plain LoRA ----------------------------------------------------------
 def fused_to_file(layer: MergedLinear, lora_B: Tensor) -> Tensor:
     """Our B (groups·out_slice, r) as PEFT's B' (out, groups·r): block-diagonal on the enabled rows.
@@ -101,25 +111,25 @@ def fused_from_file(layer: MergedLinear, file_B: Tensor, name: str) -> Tensor:
 
 def file_shapes(layer: LoraLayer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of A and B as they appear in a PEFT file for rank r on this layer."""
-    shape_A, shape_B = layer.adapter_shapes(r)
+    shape_A, shape_B = layer.factor_shapes(r)
     if isinstance(layer, MergedLinear):
         shape_B = (layer.out_features, layer.groups * r)
     return tuple(shape_A), tuple(shape_B)
 
 
 # ---- saving --------------------------------------------------------------------------------------
-def adapter_tensors(lora_model, adapter_name: str) -> dict[str, Tensor]:
-    """Everything PEFT would save for `adapter_name`, under PEFT's keys (detached, contiguous)."""
-    config: LoraConfig = lora_model.peft_config[adapter_name]
+def adapter_tensors(root: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, Tensor]:
+    """Everything PEFT would save for `adapter_name` in model `root`, under PEFT's keys (detached, contiguous)."""
     out: dict[str, Tensor] = {}
-    for path, module in walk(lora_model.base_model):
+    for path, module in walk(root):
         if isinstance(module, LoraLayer):
             if adapter_name not in module.adapters:
                 continue
-            record = module.adapters[adapter_name]
-            lora_B = fused_to_file(module, record.lora_B) if isinstance(module, MergedLinear) else record.lora_B
+            lora_A, lora_B = module.factors(adapter_name)
+            if isinstance(module, MergedLinear):
+                lora_B = fused_to_file(module, lora_B)
             suffix_A, suffix_B = pair_suffixes(module)
-            out[key(PREFIX, path, suffix_A)] = record.lora_A
+            out[key(PREFIX, path, suffix_A)] = lora_A
             out[key(PREFIX, path, suffix_B)] = lora_B
             if config.bias == "lora_only" and module.bias is not None:
                 out[key(PREFIX, path, "base_layer.bias")] = module.bias
@@ -128,7 +138,7 @@ def adapter_tensors(lora_model, adapter_name: str) -> dict[str, Tensor]:
                 for name, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                     out[key(PREFIX, path, name)] = tensor
     if config.bias == "all":
-        out.update({name: tensor for name, tensor in _base_tensors(lora_model.base_model, PREFIX)
+        out.update({name: tensor for name, tensor in _base_tensors(root, PREFIX)
                     if "bias" in name and name not in out})
     return {name: tensor.detach().contiguous() for name, tensor in out.items()}
 
@@ -163,31 +173,13 @@ class Slot:
     target: Tensor | None = None
 
 
-def saved_paths(root: nn.Module, config: LoraConfig) -> list[str]:
-    """Modules the config trains in full (modules_to_save, plus the SEQ_CLS head as PEFT adds it).
-
-    Names that match nothing are skipped, as PEFT does: its SEQ_CLS configs list
-    both "classifier" and "score" whichever the model has.
-    """
-    names = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":
-        names += [h for h in SEQ_CLS_HEADS if h not in names]
-    if not names:
-        return []
-    found: list[str] = []
-    for path, _ in walk(root):
-        if path and matches(path, names) and not any(path.startswith(p + ".") for p in found):
-            found.append(path)
-    return found
-
-
 def build_index(root: nn.Module, config: LoraConfig, prefix: str = PREFIX) -> dict[str, Slot]:
     """Every file key an adapter with `config` may hold for this model, mapped to its Slot.
 
     Built with the same table as saving, in one walk over the base model
     (not into adapter records, so its cost does not grow with loaded adapters).
     """
-    saved = saved_paths(root, config)
+    saved = find_modules_to_save(root, config)
     index: dict[str, Slot] = {}
     for name, tensor in _base_tensors(root, prefix):
         if "bias" in name:
@@ -205,7 +197,7 @@ def build_index(root: nn.Module, config: LoraConfig, prefix: str = PREFIX) -> di
             continue
         if isinstance(module, ModulesToSave) or any(path.startswith(p + ".") for p in saved):
             continue
-        if path and isinstance(base, SUPPORTED_BASE_TYPES):
+        if path and is_supported(base):
             suffix_A, suffix_B = pair_suffixes(module)
             index[key(prefix, path, suffix_A)] = Slot("lora", path, "A")
             index[key(prefix, path, suffix_B)] = Slot("lora", path, "B")

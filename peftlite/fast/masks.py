@@ -1,7 +1,7 @@
 """Dropout masks for the training Functions: drawn fast, kept as bits, applied a block at a time.
 
 A mask M (bools shaped like the input x) stands for D(x) = x ⊙ M / (1 - p). The Functions in
-`functional.py` never form D(x) whole: they keep M, packed eight to a byte, and multiply x by it
+`linear.py` and `conv.py` never form D(x) whole: they keep M, packed eight to a byte, and multiply x by it
 a block of rows at a time. The plain path (`dropout`) uses the same masks, so the two compute the
 same numbers for the same seed.
 """
@@ -19,16 +19,15 @@ def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
     Each element compares one uniform 16-bit integer with a threshold, so it is kept with
     probability 1 - p, p taken to the nearest multiple of 2⁻¹⁶ (0.1 becomes 0.100006). On CPU
     the integers come from numpy's SFC64 generator, seeded by one draw from torch's default
-    generator: torch's own CPU generator makes one draw at a time through MT19937, and
-    `bernoulli_` that way took a fifth of a training step (benchmarks/train_step.py); this is
-    about 10× faster. So `torch.manual_seed` fixes the mask and checkpointing's RNG restore
+    generator, because torch's own CPU generator makes one draw at a time through MT19937,
+    which is slow next to a training step (benchmarks/train_step.py). So `torch.manual_seed` fixes the mask and checkpointing's RNG restore
     replays it, but the bits differ from `nn.Dropout`'s for the same seed (and, under
     torch.compile, which draws from torch's generator, from eager mode's).
     """
     if not numpy_serves(x):
         return mask_from_device_generator(x, p)
     draws = Int16Draws(_seed_from_torch()).take(x.numel())
-    return torch.from_numpy(draws >= _keep_threshold(p)).view(x.shape)  # numpy compares 2-3× faster here
+    return torch.from_numpy(draws >= _keep_threshold(p)).view(x.shape)  # numpy compares faster than torch here
 
 
 def keep_mask_blocks(x2: Tensor, p: float, blocks: list[slice]):
@@ -91,7 +90,7 @@ def _keep_threshold(p: float) -> int:
 
 def as_bytes(mask: Tensor) -> Tensor:
     """The bool mask viewed as 0/1 uint8, no copy: `x * mask` then takes torch's fast mixed-dtype
-    path (about 4× faster than multiplying by a bool tensor on CPU)."""
+    path (faster than multiplying by a bool tensor on CPU)."""
     return mask.view(torch.uint8)
 
 

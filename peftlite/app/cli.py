@@ -24,6 +24,19 @@ from typing import Any, Sequence
 from .training import TASK_TYPES, has_tokenizer
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+import torch
+from accelerate.utils import set_seed
+from safetensors import SafetensorError
+from transformers import AutoTokenizer
+from transformers.utils import logging
+
+from ..config import LoraConfig
+from ..io.files import read_adapter
+from ..io.hub import push_directory
+from ..io.keys import parse_file_key
+from ..peft_model import LoraModel, get_lora_model
+from . import training
+from .demo import run as run_demo
 
 
 class UsageError(ValueError):
@@ -153,7 +166,6 @@ def check_output_dir(output: str, must_be_empty: bool = False) -> None:
 
 def read_adapter_checked(adapter: str):
     """(config, weights) of an adapter, read fully so a bad adapter fails before a model loads."""
-    from .files import read_adapter
     if not os.path.isdir(adapter) and (os.path.exists(adapter) or not HUB_ID.fullmatch(adapter)):
         raise FileNotFoundError(f"adapter {adapter!r} is not a directory and not a Hub repo id")
     config, weights, _ = read_adapter(adapter)
@@ -170,18 +182,13 @@ def _head_size(weights: dict) -> int | None:
 
 def _quiet_transformers() -> None:
     """Keep stderr to progress bars and our own lines (no per-weight load reports)."""
-    from transformers.utils import logging
     logging.set_verbosity_error()
     logging.disable_progress_bar()
 
 
 # ---- commands ----------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> dict:
-    from accelerate.utils import set_seed
 
-    from . import training
-    from .config import LoraConfig
-    from .model import get_lora_model
 
     examples = training.read_examples(args.data, args.task, args.text_column, args.label_column)
     num_labels = training.num_labels_for(examples, args.num_labels) if args.task == "seq-cls" else None
@@ -216,8 +223,6 @@ def _load_with_adapter(model_id: str, adapter: str, task: str | None, num_labels
     The model class comes from `task`, else the adapter's task_type, else the
     architecture named in the base model's config.
     """
-    from . import training
-    from .model import LoraModel
 
     config, weights = read_adapter_checked(adapter)
     task = task or {v: k for k, v in TASK_TYPES.items()}.get(config.task_type)
@@ -237,7 +242,6 @@ def _load_with_adapter(model_id: str, adapter: str, task: str | None, num_labels
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    from . import training
 
     examples = training.read_examples(args.data, args.task, args.text_column, args.label_column)
     if args.num_labels is not None and args.task == "seq-cls":
@@ -252,13 +256,11 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         if max(examples.labels) >= classes:
             raise UsageError(f"label id {max(examples.labels)} in {args.data!r} is out of range: "
                              f"the adapter's head has {classes} labels")
-    import torch
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return training.evaluate(model, tokenizer, examples, args.task, args.max_length, args.batch_size)
 
 
 def cmd_merge(args: argparse.Namespace) -> dict:
-    from transformers import AutoTokenizer
 
     check_output_dir(args.output, must_be_empty=True)
     merged = _load_with_adapter(args.model, args.adapter, args.task).merge_and_unload()
@@ -285,25 +287,21 @@ def cmd_merge(args: argparse.Namespace) -> dict:
             "parameters": sum(p.numel() for p in merged.parameters()), "tokenizer": tokenizer is not None}
 
 
-_KEY = re.compile(r"base_model\.model\.(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                  r"(\.weight)?$")
-
-
 def describe_adapter(config, weights: dict) -> dict:
     """Adapted modules with their A/B shapes, and the other saved tensors (modules_to_save, biases)."""
     modules: dict[str, dict[str, Any]] = {}
     others: dict[str, list[int]] = {}
     for key in sorted(weights):
         shape = list(weights[key].shape)
-        found = _KEY.fullmatch(key)
+        found = parse_file_key(key)
         if found:
-            kind = found["kind"].replace("embedding_", "")
-            modules.setdefault(found["path"], {})[kind] = shape
+            path, kind = found
+            modules.setdefault(path, {})[kind] = shape
         else:
             others[key.removeprefix("base_model.model.")] = shape
     for shapes in modules.values():
         shapes["r"] = shapes.get("lora_A", [0])[0]  # A is (r, in) for every layer kind, in PEFT's files too
-    lora = sum(weights[k].numel() for k in weights if _KEY.fullmatch(k))
+    lora = sum(weights[k].numel() for k in weights if parse_file_key(k))
     total = sum(t.numel() for t in weights.values())
     return {"config": config.to_dict(), "modules": modules, "other_tensors": others,
             "parameters": {"lora": lora, "other": total - lora, "total": total}}
@@ -329,7 +327,6 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
 
 
 def cmd_push(args: argparse.Namespace) -> dict:
-    from .hub import push_directory
     if not os.path.isdir(args.directory):
         raise FileNotFoundError(f"adapter directory {args.directory!r} does not exist")
     read_adapter_checked(args.directory)  # push only what loads
@@ -339,8 +336,7 @@ def cmd_push(args: argparse.Namespace) -> dict:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
-    from .demo import run
-    return run()
+    return run_demo()
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
@@ -352,7 +348,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     The Hub client's HTTP and connection errors are OSErrors; safetensors' own error is not.
     """
-    from safetensors import SafetensorError
     return ValueError, KeyError, OSError, SafetensorError
 
 

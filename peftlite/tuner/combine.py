@@ -31,19 +31,19 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .config import _is_number, check_adapter_name
+from ..config import _is_number, check_adapter_name
+from ..layers import LoraLayer
 
 if TYPE_CHECKING:
-    from .layers import LoraAdapter, LoraLayer
-    from .model import LoraModel
+    from .tuner import LoraTuner
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
 
 
-def _grouped(layer: "LoraLayer", record: "LoraAdapter") -> tuple[Tensor, Tensor]:
+def _grouped(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
     """A (g, r, n) and B (g, m, r) in float32, whatever the layer kind."""
     groups = getattr(layer, "groups", 1)
-    lora_A, lora_B = record.lora_A.detach().float(), record.lora_B.detach().float()
+    lora_A, lora_B = (factor.detach().float() for factor in layer.factors(name))
     return (lora_A.reshape(groups, lora_A.shape[0] // groups, -1),
             lora_B.reshape(groups, lora_B.shape[0] // groups, lora_B.shape[1]))
 
@@ -75,13 +75,13 @@ def combine_svd(pairs: list[tuple[Tensor, Tensor, float]], rank: int) -> tuple[T
     return Vh[:, :keep, :], U[:, :, :keep] * S[:, None, :keep]
 
 
-def _adapter_rank(lora_model: "LoraModel", name: str) -> int:
+def _adapter_rank(lora_model: "LoraTuner", name: str) -> int:
     """PEFT's rank of an adapter: the largest r it uses anywhere (r or a rank_pattern value)."""
     config = lora_model.peft_config[name]
     return max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
 
 
-def _check_request(lora_model: "LoraModel", adapters: list[str], weights: list[float], adapter_name: str,
+def _check_request(lora_model: "LoraTuner", adapters: list[str], weights: list[float], adapter_name: str,
                    combination_type: str, svd_rank: int | None) -> None:
     check_adapter_name(adapter_name)
     if adapter_name in lora_model.peft_config:
@@ -90,6 +90,11 @@ def _check_request(lora_model: "LoraModel", adapters: list[str], weights: list[f
         raise ValueError(f"adapters={adapters!r} is invalid: expected a non-empty list of adapter names")
     for name in adapters:
         lora_model.check_adapter(name)
+    for path, layer in lora_model.lora_layers():
+        for name in adapters:
+            if name in layer.adapters and not layer.adapters[name].variant.combinable:
+                raise ValueError(f"adapter {name!r} is {layer.adapters[name].variant.name} on {path!r}, which "
+                                 "add_weighted_adapter cannot combine: expected plain LoRA adapters")
     if (isinstance(weights, str) or not isinstance(weights, (list, tuple)) or len(weights) != len(adapters)
             or not all(_is_number(w) for w in weights)):  # _is_number: finite, and no int too large for a float
         raise ValueError(f"weights={weights!r} is invalid: expected {len(adapters)} finite numbers, one per adapter")
@@ -105,7 +110,7 @@ def _check_request(lora_model: "LoraModel", adapters: list[str], weights: list[f
             raise ValueError(f"adapters {owners!r} each save module {path!r} in full: such copies cannot be combined")
 
 
-def add_weighted_adapter(lora_model: "LoraModel", adapters: list[str], weights: list[float], adapter_name: str,
+def add_weighted_adapter(lora_model: "LoraTuner", adapters: list[str], weights: list[float], adapter_name: str,
                          combination_type: str = "linear", svd_rank: int | None = None) -> None:
     """Add `adapter_name`, the weighted combination of `adapters` (not made active; frozen, as in PEFT).
 
@@ -114,7 +119,7 @@ def add_weighted_adapter(lora_model: "LoraModel", adapters: list[str], weights: 
         combination_type: "linear" (equal ranks), "cat" or "svd"; one adapter always uses "linear".
         svd_rank: the new rank for "svd" (default: the largest source rank).
     Raises:
-        KeyError for an unknown source; ValueError for a bad name, weights, type or rank, or
+        ValueError for an unknown source, a bad name, weights, type or rank, or
         "linear" on unequal ranks. Nothing is changed when anything raises.
     """
     _check_request(lora_model, adapters, weights, adapter_name, combination_type, svd_rank)
@@ -129,7 +134,7 @@ def add_weighted_adapter(lora_model: "LoraModel", adapters: list[str], weights: 
     # Compute every layer's new pair before anything is added (a rank mismatch raises here).
     planned: dict[str, tuple[Tensor, Tensor]] = {}
     for path, layer in lora_model.lora_layers():
-        pairs = [(*_grouped(layer, layer.adapters[name]), weight * layer.adapters[name].scaling)
+        pairs = [(*_grouped(layer, name), weight * layer.adapters[name].scaling)
                  for name, weight in zip(adapters, weights) if name in layer.adapters]
         if not pairs:
             continue
@@ -166,16 +171,16 @@ def add_weighted_adapter(lora_model: "LoraModel", adapters: list[str], weights: 
         raise
 
 
-def _install(lora_model: "LoraModel", adapters: list[str], adapter_name: str,
+def _install(lora_model: "LoraTuner", adapters: list[str], adapter_name: str,
              planned: dict[str, tuple[Tensor, Tensor]]) -> None:
     """Copy the planned pairs into the new records, and each saved module from the source that has one."""
     with torch.no_grad():
         for path, layer in lora_model.lora_layers():
             if path in planned:
-                record = layer.adapters[adapter_name]
                 lora_A, lora_B = planned[path]
-                record.lora_A.copy_(lora_A.reshape(record.lora_A.shape))
-                record.lora_B.copy_(lora_B.reshape(record.lora_B.shape))
+                own_A, own_B = layer.factors(adapter_name)
+                own_A.copy_(lora_A.reshape(own_A.shape))
+                own_B.copy_(lora_B.reshape(own_B.shape))
         for _, module in lora_model.saved_modules():
             sources = [name for name in adapters if name in module.modules_to_save]
             if sources and adapter_name in module.modules_to_save:

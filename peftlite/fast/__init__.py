@@ -1,0 +1,58 @@
+"""The fused training path, and the one place that decides where it applies.
+
+A LoRA layer's reference forward is base(x) + B(A(dropout(x)))·s, in a few
+lines of torch. On the layers below, when the model's `fast` switch is on
+(the default; `LoraModel.use_fast_path(False)` or PEFTLITE_FAST_PATH=0 turn it
+off), forward runs one fused autograd node instead: it saves x once, never
+stores the dropped-out input, and lets the base GEMM add into the low-rank
+term (`linear.py`, `conv.py`). Dropout masks then come from `masks.py`, not
+from nn.Dropout: same distribution, other bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .conv import lora_conv2d
+from .linear import lora_linear
+
+__all__ = ["linear_applies", "conv2d_applies", "embedding_applies", "lora_linear", "lora_conv2d", "lora_embedding"]
+
+
+def _runs_own_forward(base: nn.Module, *forwards: object) -> bool:
+    """Whether calling `base` would run exactly one of `forwards`: no subclass override, no hooks."""
+    return (type(base).forward in forwards and "forward" not in base.__dict__
+            and not base._forward_hooks and not base._forward_pre_hooks)
+
+
+def _same_dtype_no_autocast(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+    """No casts needed (else the reference path casts, as PEFT does)."""
+    return (x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def linear_applies(base: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+    """Whether `lora_linear` computes exactly what the reference would for this nn.Linear / Conv1D."""
+    return (type(base) in (nn.Linear, Conv1D) and _runs_own_forward(base, nn.Linear.forward, Conv1D.forward)
+            and _same_dtype_no_autocast(x, base.weight, lora_A, lora_B))
+
+
+def conv2d_applies(base: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+    """Whether `lora_conv2d` applies: a plain zero-padded nn.Conv2d on a batch (n, in, h, w)."""
+    return (type(base) is nn.Conv2d and _runs_own_forward(base, nn.Conv2d.forward)
+            and base.padding_mode == "zeros" and not isinstance(base.padding, str) and x.dim() == 4
+            and base.groups == 1 and _same_dtype_no_autocast(x, base.weight, lora_A, lora_B))
+
+
+def embedding_applies(result: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+    return _same_dtype_no_autocast(result, result, lora_A, lora_B)
+
+
+def lora_embedding(result: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                   padding_idx: int | None) -> Tensor:
+    """base(ids) + s · A[:, ids]ᵀ Bᵀ as one addmm: no out-sized temporaries for B(·), ·s and +."""
+    after_A = F.embedding(ids.reshape(-1), lora_A.T, padding_idx=padding_idx)  # (N, r)
+    return torch.addmm(result.view(-1, result.shape[-1]), after_A, lora_B.T, alpha=scaling).view_as(result)

@@ -1,0 +1,187 @@
+"""Adapter directories in PEFT's format: the config translation, safe reading, saving.
+
+A directory holds `adapter_config.json` (PEFT's field names, `"peft_type":
+"LORA"`, plus peftlite's own `merge_weights`/`enable_lora`, which PEFT
+ignores with a warning), `adapter_model.safetensors` under PEFT's keys
+(keys.py) and a README.md model card (card.py). Reading never unpickles:
+safetensors first, a legacy `adapter_model.bin` only through
+`torch.load(weights_only=True)`. Every write is atomic (atomic.py). Putting
+what was read into a model is loading.py's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..config import LoraConfig
+from . import hub
+from .atomic import atomic_write_all, prepare_directory, text_writer, write_safetensors
+from .card import model_card
+from .keys import adapter_tensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CARD_NAME = "README.md"
+
+
+# ---- config <-> file -----------------------------------------------------------------------------
+def _fused_factors(config_enable_lora: list[bool] | None, use_rslora: bool) -> tuple[int, float]:
+    """(rank factor, alpha factor) turning a MergedLinear config into PEFT's equivalent plain LoRA.
+
+    PEFT sees rank groups·r; keeping s fixed needs alpha·groups (alpha·sqrt(groups) with rsLoRA).
+    """
+    groups = sum(config_enable_lora) if config_enable_lora else 1
+    return groups, (math.sqrt(groups) if use_rslora else groups)
+
+
+def config_to_file(config: LoraConfig) -> dict[str, Any]:
+    """The JSON object of adapter_config.json: PEFT's view, plus our extra fields."""
+    data = config.to_dict()
+    rank_factor, alpha_factor = _fused_factors(config.enable_lora, config.use_rslora)
+    if rank_factor > 1:
+        data["r"] = config.r * rank_factor
+        data["lora_alpha"] = config.lora_alpha * alpha_factor
+        data["rank_pattern"] = {k: v * rank_factor for k, v in config.rank_pattern.items()}
+        data["alpha_pattern"] = {k: v * alpha_factor for k, v in config.alpha_pattern.items()}
+    return data
+
+
+def config_from_file(data: Any, source: str) -> LoraConfig:
+    """LoraConfig from a PEFT or peftlite adapter_config.json object (LoraConfig.from_dict, the one parser).
+
+    A fused MergedLinear config is read back from PEFT's equivalent plain LoRA (rank groups·r).
+    """
+    config = LoraConfig.from_dict(data, source=source, require_peft_type=True)
+    rank_factor, alpha_factor = _fused_factors(config.enable_lora, config.use_rslora)
+    if rank_factor > 1:
+        ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in config.rank_pattern.items()}}
+        bad = {k: v for k, v in ranks.items() if v % rank_factor}
+        if bad:
+            raise ValueError(f"{source}: {bad} not divisible by the {rank_factor} enabled slices of "
+                             f"enable_lora={config.enable_lora}: expected PEFT's rank groups·r")
+        config = dataclasses.replace(
+            config, r=config.r // rank_factor, lora_alpha=config.lora_alpha / alpha_factor,
+            rank_pattern={k: v // rank_factor for k, v in config.rank_pattern.items()},
+            alpha_pattern={k: v / alpha_factor for k, v in config.alpha_pattern.items()})
+    return config
+
+
+def write_config(config: LoraConfig, save_directory: str | os.PathLike) -> None:
+    """Write adapter_config.json into `save_directory` atomically (LoraConfig.save_pretrained)."""
+    directory = prepare_directory(save_directory)
+    atomic_write_all(directory, {CONFIG_NAME: text_writer(_config_json(config))})
+
+
+def read_config(model_id_or_path: str, **hub_kwargs: Any) -> LoraConfig:
+    """adapter_config.json from a directory or a Hub repo (LoraConfig.from_pretrained)."""
+    path = hub.resolve(model_id_or_path, CONFIG_NAME, **hub_kwargs)
+    return config_from_file(_read_json(path), path)
+
+
+def _config_json(config: LoraConfig) -> str:
+    return json.dumps(config_to_file(config), indent=2, sort_keys=True) + "\n"
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: absurd nesting
+        raise ValueError(f"{path}: not valid JSON ({err}); expected a PEFT adapter_config.json") from None
+
+
+# ---- weights ------------------------------------------------------------------------------------
+def read_weights(model_id_or_path: str, device: str | torch.device = "cpu",
+                 **hub_kwargs: Any) -> tuple[dict[str, Tensor], str]:
+    """(tensors on `device`, file path): safetensors if present, else a legacy .bin read with weights_only=True."""
+    try:
+        path = hub.resolve(model_id_or_path, WEIGHTS_NAME, **hub_kwargs)
+    except FileNotFoundError as missing:
+        try:
+            path = hub.resolve(model_id_or_path, LEGACY_WEIGHTS_NAME, **hub_kwargs)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{missing} (and no legacy {LEGACY_WEIGHTS_NAME} either)") from None
+    else:
+        try:
+            return load_file(path, device=str(device)), path
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err}); expected PEFT's "
+                             f"{WEIGHTS_NAME}") from None
+    try:
+        tensors = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors alike for a bad file
+        raise ValueError(f"{path}: not a readable weights-only torch file ({err})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise ValueError(f"{path}: expected a dict of tensors")
+    return tensors, path
+
+
+def read_adapter(model_id_or_path: str, device: str | torch.device = "cpu",
+                 **hub_kwargs: Any) -> tuple[LoraConfig, dict[str, Tensor], str]:
+    """(config, tensors under PEFT's keys on `device`, weights path) of one saved adapter."""
+    config = read_config(model_id_or_path, **hub_kwargs)
+    tensors, path = read_weights(model_id_or_path, device, **hub_kwargs)
+    return config, tensors, path
+
+
+# ---- saving -------------------------------------------------------------------------------------
+def save_adapters(root: nn.Module, configs: dict[str, LoraConfig], save_directory: str | os.PathLike,
+                  selected_adapters: list[str] | None = None, is_main_process: bool = True,
+                  safe_serialization: bool = True, **ignored: Any) -> None:
+    """Write adapters of model `root` as PEFT does: "default" at the root, any other in a subfolder.
+
+    Each directory gets adapter_config.json, adapter_model.safetensors and a README.md
+    model card; every file is written atomically.
+    """
+    if isinstance(selected_adapters, str):
+        selected_adapters = [selected_adapters]
+    if selected_adapters is not None and not isinstance(selected_adapters, (list, tuple)):
+        raise ValueError(f"selected_adapters={selected_adapters!r} is invalid: expected a list of adapter names")
+    names = list(configs) if selected_adapters is None else list(selected_adapters)
+    unknown = [name for name in names if not isinstance(name, str) or name not in configs]
+    if unknown:
+        raise ValueError(f"selected_adapters {unknown!r} not found: loaded adapters are {sorted(configs)}")
+    if not safe_serialization:
+        raise ValueError("safe_serialization=False is not supported: peftlite writes only safetensors")
+    if ignored:
+        warnings.warn(f"save_pretrained ignores {sorted(ignored)}", stacklevel=3)
+    directory_root = prepare_directory(save_directory, create=is_main_process)
+    if not is_main_process:
+        return
+    for name in names:
+        if name != "default" and (directory_root / name).exists() and not (directory_root / name).is_dir():
+            raise ValueError(f"{str(directory_root / name)!r} is a file: adapter {name!r} needs a subfolder of "
+                             "that name")
+    for name in names:
+        directory = directory_root if name == "default" else directory_root / name
+        directory.mkdir(exist_ok=True)
+        config = dataclasses.replace(configs[name], inference_mode=True,
+                                     base_model_name_or_path=configs[name].base_model_name_or_path
+                                     or _base_model_name(root))
+        tensors = adapter_tensors(root, config, name)
+        writers = {WEIGHTS_NAME: lambda path, t=tensors: write_safetensors(t, path, metadata={"format": "pt"}),
+                   CONFIG_NAME: text_writer(_config_json(config))}
+        card = model_card(directory / CARD_NAME, config.base_model_name_or_path)
+        if card is not None:
+            writers[CARD_NAME] = text_writer(card)
+        atomic_write_all(directory, writers)
+
+
+def _base_model_name(model) -> str | None:
+    """The name the base model was loaded under (transformers' `name_or_path`), if any."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name or None
+
+

@@ -1,0 +1,123 @@
+"""PEFT's functional API over state dicts: adapter tensors out and in, the base model's tensors out and in.
+
+`get_peft_model_state_dict` gives exactly what `save_pretrained` writes (PEFT's
+file keys, no adapter name inside); `set_peft_model_state_dict` puts such a dict
+into an adapter the model already has, checked whole before anything changes.
+The base-model pair translates between the wrapped model's names
+(`q_proj.base_layer.weight`) and the original ones (`q_proj.weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import LoraConfig
+from ..layers import LoraLayer, ModulesToSave
+from ..tuner import LoraTuner
+from ..tuner.inject import plan_layers
+from .keys import adapter_tensors
+from .loading import (
+    LoadResult,
+    check_base,
+    check_saved,
+    check_tensors,
+    checked_pair,
+    copy_base,
+    place,
+)
+
+
+def tuner_of(model: nn.Module) -> LoraTuner:
+    """The LoraTuner of a LoraModel, or the tuner itself."""
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, LoraTuner):
+        raise ValueError(f"model of type {type(model).__name__} is invalid: expected a peftlite LoraModel")
+    return tuner
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = None,
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers: bool | str = "auto") -> dict[str, Tensor]:
+    """Adapter `adapter_name`'s tensors under PEFT's file keys (`base_model.model.<path>.lora_A.weight`)."""
+    tuner = tuner_of(getattr(model, "_orig_mod", model) if unwrap_compiled else model)
+    tuner.check_adapter(adapter_name)
+    return adapter_tensors(tuner.model, tuner.peft_config[adapter_name], adapter_name)
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> LoadResult:
+    """Copy PEFT-keyed tensors into the existing adapter `adapter_name`.
+
+    Every key must map to a module of this model and fit its shape (or, with
+    ignore_mismatched_sizes, mismatched pairs are skipped and reported as missing).
+    Returns PEFT's (missing_keys, unexpected_keys) over the adapter's in-memory names.
+    """
+    tuner = tuner_of(model)
+    tuner.check_adapter(adapter_name)
+    config: LoraConfig = tuner.peft_config[adapter_name]
+    source = "state dict"
+    check_tensors(peft_model_state_dict, source)
+    pairs, saved, base = place(tuner.model, config, dict(peft_model_state_dict), source)
+    layers = {path: layer for path, _, layer in plan_layers(tuner.model, tuner.adapter_state, config, list(pairs))
+              if isinstance(layer, LoraLayer) and adapter_name in layer.adapters}
+    unexpected = sorted(set(pairs) - set(layers))
+    weights, skipped = {}, []
+    for path, layer in layers.items():
+        try:
+            weights[path] = checked_pair(path, layer, pairs[path], layer.adapters[adapter_name].r, source)
+        except ValueError:
+            if not ignore_mismatched_sizes:
+                raise
+            skipped.append(path)
+    for path, state in saved.items():
+        check_saved(path, tuner.model.get_submodule(path), state, source)
+    changed = check_base(base, source)
+    with tuner.adapter_state.lock:
+        for path, pair in weights.items():
+            layers[path].set_factors(adapter_name, *pair, in_place=not low_cpu_mem_usage)
+        for path, state in saved.items():
+            module = tuner.model.get_submodule(path)
+            if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+                module.modules_to_save[adapter_name].load_state_dict(state, strict=False)
+        copy_base(changed, source)
+    missing = [f"{path}.{part}.{adapter_name}.weight"
+               for path, layer in _adapter_layers(tuner, adapter_name) if path not in weights
+               for part in ("lora_A", "lora_B")]
+    return LoadResult(missing_keys=missing, unexpected_keys=[f"{path}.lora_A.weight" for path in unexpected])
+
+
+def _adapter_layers(tuner: LoraTuner, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+    return [(path, layer) for path, layer in tuner.lora_layers() if adapter_name in layer.adapters]
+
+
+def _is_adapter_key(key: str) -> bool:
+    parts = key.split(".")
+    return any(p.startswith("lora_") for p in parts) or "modules_to_save" in parts
+
+
+def _original_key(key: str) -> str:
+    """`a.q_proj.base_layer.weight` -> `a.q_proj.weight`; `head.original_module.weight` -> `head.weight`."""
+    return ".".join(p for p in key.split(".") if p not in ("base_layer", "original_module"))
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The base model's tensors under their original names, adapters left out."""
+    tuner = tuner_of(model)
+    return {_original_key(k): v for k, v in tuner.model.state_dict().items() if not _is_adapter_key(k)}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True) -> LoadResult:
+    """Load base-model tensors given under their original names into the wrapped model."""
+    tuner = tuner_of(model)
+    wrapped = {_original_key(k): k for k in tuner.model.state_dict() if not _is_adapter_key(k)}
+    unknown = sorted(set(state_dict) - set(wrapped))
+    missing = sorted(set(wrapped) - set(state_dict))
+    if strict and (unknown or missing):
+        raise ValueError(f"state_dict does not match the base model: unexpected {unknown[:5]}, missing "
+                         f"{missing[:5]}: expected the base model's own keys")
+    renamed = {wrapped[k]: v for k, v in state_dict.items() if k in wrapped}
+    with torch.no_grad():
+        tuner.model.load_state_dict(renamed, strict=False)
+    return LoadResult(missing_keys=missing, unexpected_keys=unknown)

@@ -1,0 +1,304 @@
+"""What every LoRA layer shares: the wrapped base layer, PEFT's containers, one record per adapter.
+
+In memory a layer looks as PEFT's does, so code that reads parameters by name
+sees the same thing: `base_layer` is the original module (never copied or
+re-initialised), `lora_A[name]`/`lora_B[name]` (or `lora_embedding_A/B[name]`
+for an embedding) hold the factors, `lora_dropout[name]` is torch's dropout.
+What PEFT spreads over parallel dicts (r, alpha, scaling, variant) is one
+`LoraAdapter` record per name here; `layer.r`, `layer.scaling`, ... are views
+of those records, so `layer.scaling["a"] = 2.0` still works.
+
+Which adapters run is read from the `AdapterState` every layer of one model
+shares, so switching is one assignment. Forward is the textbook formula: the
+base output, then each running adapter's term through its variant; the fused
+training path (peftlite.fast) replaces it only where a layer kind says it
+applies and the model's `fast` switch is on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .mixed import active_routing, mixed_lora_forward
+
+if TYPE_CHECKING:
+    from .variants import Variant
+
+
+@dataclass
+class AdapterState:
+    """The per-model switchboard, shared by reference by every LoRA layer of one model.
+
+    active: the adapters that run, in order (PEFT allows several; their terms add up).
+    disabled: every adapter off (disable_adapter()). merged_count: (layer, adapter)
+    merges, so "anything merged?" is O(1). mixed_calls: one token per mixed-adapter
+    call running now in any thread (layers skip the routing lookup without one).
+    fast: the switch for the fused training path (peftlite.fast); off, every layer
+    runs the reference forward. lock: held by calls that change the model.
+    """
+
+    active: tuple[str, ...] = ()
+    disabled: bool = False
+    merged_count: int = 0
+    mixed_calls: list[object] = field(default_factory=list)
+    fast: bool = True
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter on one layer: its fixed hyperparameters and the variant that computes it."""
+
+    r: int
+    lora_alpha: float
+    scaling: float
+    variant: "Variant"
+    merge_weights: bool = False
+
+
+class RecordView(MutableMapping):
+    """`layer.r`, `layer.lora_alpha`, `layer.scaling` as PEFT's dicts, read from and written to the records."""
+
+    def __init__(self, records: dict[str, LoraAdapter], attribute: str) -> None:
+        self._records, self._attribute = records, attribute
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self._records[name], self._attribute)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        setattr(self._records[name], self._attribute, value)
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError(f"delete adapter {name!r} with delete_adapter, not through layer.{self._attribute}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus LoRA adapters. Subclasses give the per-kind shapes and math."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.merged_adapters: list[str] = []  # merged into base_layer's weight, in merge order
+        self.state = state
+
+    # ---- PEFT's per-layer names ------------------------------------------------------------------
+    @property
+    def r(self) -> RecordView:
+        return RecordView(self.adapters, "r")
+
+    @property
+    def lora_alpha(self) -> RecordView:
+        return RecordView(self.adapters, "lora_alpha")
+
+    @property
+    def scaling(self) -> RecordView:
+        return RecordView(self.adapters, "scaling")
+
+    @property
+    def use_dora(self) -> dict[str, bool]:
+        return {name: record.variant.name == "dora" for name, record in self.adapters.items()}
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [name for name in self.state.active if name in self.adapters]
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self.active_adapters
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.state.disabled
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """scaling = scale · alpha / r, as PEFT's set_scale."""
+        if adapter in self.adapters:
+            record = self.adapters[adapter]
+            record.scaling = scale * record.lora_alpha / record.r
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, record: LoraAdapter, dropout: float, init: bool | str | None,
+                    dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        """Create adapter `name`'s factors (on the base weight's device; dtype: float32 over a 16-bit base).
+
+        init=None leaves them uninitialised, for a loader that fills them right away.
+        """
+        weight = self.base_weight_reference()
+        device = device if device is not None else weight.device
+        dtype = dtype if dtype is not None else weight.dtype
+        self.create_factors(name, record.r, dtype, device)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapters[name] = record
+        record.variant.create(self, name)
+        if init is not None and device.type != "meta":
+            self.init_factors(name, init)
+
+    def delete_adapter(self, name: str) -> None:
+        for container in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B,
+                          self.lora_dropout):
+            if name in container:
+                del container[name]
+        if name in self.adapters:
+            self.adapters.pop(name).variant.delete(self, name)
+
+    def running_adapters(self) -> list[str]:
+        """The adapters whose term forward adds: active, on this layer, not merged, not disabled."""
+        state = self.state
+        if state.disabled:
+            return []
+        return [name for name in state.active if name in self.adapters and name not in self.merged_adapters]
+
+    def base_weight_reference(self) -> Tensor:
+        """A tensor with the device and dtype adapters are made like (a quantized base overrides it)."""
+        return self.base_layer.weight
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        routing = active_routing(self.state)
+        if routing is not None:  # a mixed-adapter batch: each sample its own adapter
+            return mixed_lora_forward(self, routing, x, *args, **kwargs)
+        names = self.running_adapters()
+        if self.state.fast and len(names) == 1 and not args and not kwargs:
+            fused = self.fast_forward(x, names[0])
+            if fused is not None:
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
+        for name in names:
+            result = self.adapters[name].variant.forward(self, name, x, result)
+        return result
+
+    def fast_forward(self, x: Tensor, name: str) -> Tensor | None:
+        """base(x) + the adapter's term in one fused op (peftlite.fast), or None where it does not apply."""
+        return None
+
+    def lora_input(self, x: Tensor, name: str) -> Tensor:
+        """dropout(x) in the factors' dtype: what lora_A sees."""
+        return self.lora_dropout[name](x.to(self.factors(name)[0].dtype))
+
+    # ---- merging ---------------------------------------------------------------------------------
+    def get_delta_weight(self, name: str) -> Tensor:
+        """PEFT's name for the plain ΔW of adapter `name`, shaped like the base weight."""
+        return self.delta_weight(name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold each adapter's update into the base weight (default: the active ones not merged yet)."""
+        names = self.active_adapters if adapter_names is None else [n for n in adapter_names if n in self.adapters]
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            for name in names:
+                if name in self.merged_adapters:
+                    continue
+                new = self.adapters[name].variant.merged_weight(self, name, weight)
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(f"merging adapter {name!r} would put NaN or Inf into "
+                                     f"{type(self.base_layer).__name__}'s weight; nothing merged here")
+                weight.copy_(new)
+                self.merged_adapters.append(name)
+                self.state.merged_count += 1
+
+    def unmerge(self) -> None:
+        """Take every merged update out again, last merged first."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight.copy_(self.adapters[name].variant.unmerged_weight(self, name, weight))
+                self.state.merged_count -= 1
+
+    def train(self, mode: bool = True) -> "LoraLayer":
+        """loralib semantics for active adapters made with merge_weights=True: eval merges, train unmerges."""
+        super().train(mode)
+        names = [n for n in self.active_adapters if self.adapters[n].merge_weights]
+        if names and mode and self.merged_adapters:
+            self.unmerge()
+        elif names and not mode and not self.state.disabled:
+            self.merge(adapter_names=names)
+        return self
+
+    # ---- per kind ----------------------------------------------------------------------------------
+    def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def init_factors(self, name: str, init: bool | str) -> None:
+        raise NotImplementedError
+
+    def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
+        """Where A and B of adapter `name` live: (module, attribute) each, PEFT's names."""
+        raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A, B) of adapter `name` as tensors, in the shapes PEFT gives them in memory."""
+        (module_A, attr_A), (module_B, attr_B) = self.factor_slots(name)
+        return getattr(module_A, attr_A), getattr(module_B, attr_B)
+
+    def set_factors(self, name: str, lora_A: Tensor, lora_B: Tensor, in_place: bool) -> None:
+        """Put loaded values into A and B.
+
+        in_place copies into the existing parameters (hotswap: a compiled graph keeps
+        the storage it captured). Otherwise the values become the parameters, without a
+        copy where dtype and device already match; parameters on the meta device
+        (low_cpu_mem_usage) are replaced this way.
+        """
+        with torch.no_grad():
+            for (module, attribute), value in zip(self.factor_slots(name), (lora_A, lora_B)):
+                param = getattr(module, attribute)
+                if in_place:
+                    param.copy_(value)
+                    continue
+                device = self.base_weight_reference().device if param.device.type == "meta" else param.device
+                if device.type == "meta":
+                    device = value.device
+                setattr(module, attribute, nn.Parameter(value.to(device=device, dtype=param.dtype),
+                                                        requires_grad=param.requires_grad))
+
+    def lora_term(self, x: Tensor, name: str) -> Tensor:
+        """B(A(dropout(x)))·s, shaped like the base output."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """ΔW = B·A·s in the base weight's layout."""
+        raise NotImplementedError
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (A, B) at rank r; raises ValueError if this base cannot take LoRA."""
+        raise NotImplementedError
+
+    def stacks_in_mixed_batch(self) -> bool:
+        """Whether a mixed batch may stack every sample's (A, B) into one bmm pair (mixed.py)."""
+        return False

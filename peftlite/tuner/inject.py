@@ -1,0 +1,172 @@
+"""Putting an adapter into a model: plan every change, then make them, undoing all on failure.
+
+`plan_adapter` reads the model and the config and raises on any bad input,
+changing nothing; `install` applies a plan (wrap modules, create A and B,
+set requires_grad) and, if even allocation fails midway, takes every change
+back before the error propagates. Loading (peftlite.io) uses the same two
+steps with the modules a file names, so a failed load changes no module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..layers import (
+    AdapterState,
+    LoraAdapter,
+    LoraLayer,
+    ModulesToSave,
+    make_lora_layer,
+)
+from ..variants import variant_for
+from .targets import find_modules_to_save, find_targets
+
+
+@dataclass
+class Plan:
+    """What adding one adapter changes: (path, module there now, LoRA layer to hold it) and saved modules."""
+
+    adapter_name: str
+    config: LoraConfig
+    layers: list[tuple[str, nn.Module, LoraLayer]]
+    saved: list[str]
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, new)
+
+
+def lora_layers(root: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(path, m) for path, m in root.named_modules() if isinstance(m, LoraLayer)]
+
+
+def saved_modules(root: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(path, m) for path, m in root.named_modules() if isinstance(m, ModulesToSave)]
+
+
+def plan_layers(model: nn.Module, state: AdapterState, config: LoraConfig, paths: list[str]
+                ) -> list[tuple[str, nn.Module, LoraLayer]]:
+    """(path, current module, LoRA layer to hold the adapter) per path; raises, changes nothing."""
+    layers = []
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(module, LoraLayer):
+            existing = getattr(module, "enable_lora", None)
+            if existing != config.enable_lora:
+                raise ValueError(f"module {path!r} already has LoRA with enable_lora={existing!r}; a new adapter "
+                                 f"must use the same, got {config.enable_lora!r}")
+            layer = module
+        else:
+            layer = make_lora_layer(path, module, state, config.enable_lora)
+        layer.factor_shapes(config.rank_for(path))
+        layers.append((path, module, layer))
+    return layers
+
+
+def plan_adapter(model: nn.Module, state: AdapterState, adapter_name: str, config: LoraConfig,
+                 existing: dict[str, LoraConfig]) -> Plan:
+    """Validate adding `adapter_name` with `config` to `model` (ValueError on any problem), changing nothing."""
+    if existing and (config.bias != "none" or any(c.bias != "none" for c in existing.values())):
+        raise ValueError(f"adapter {adapter_name!r}: only one adapter may train biases (bias={config.bias!r}, "
+                         f"loaded: {sorted(existing)}); two would train one shared bias: expected bias='none'")
+    saved = find_modules_to_save(model, config)
+    for path in saved:
+        if any(isinstance(m, LoraLayer) for m in model.get_submodule(path).modules()):
+            raise ValueError(f"modules_to_save entry {path!r} already has LoRA layers: expected a module "
+                             "without LoRA (delete the adapters on it first)")
+    # As in PEFT, a module trained in full (modules_to_save) takes no LoRA of its own.
+    targets = [p for p in find_targets(model, config) if not any(p == s or p.startswith(s + ".") for s in saved)]
+    if not targets:
+        raise ValueError(f"target_modules={config.target_modules!r} selects only modules in modules_to_save "
+                         f"{saved!r}: expected at least one other module")
+    return Plan(adapter_name, config, plan_layers(model, state, config, targets), saved)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """float32 over a 16-bit base (PEFT's autocast_adapter_dtype): small updates must not round away."""
+    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype if base_dtype.is_floating_point else torch.float32
+
+
+def install(model: nn.Module, state: AdapterState, plan: Plan, init: bool | str | None,
+            autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, first: bool = False) -> None:
+    """Apply a plan. init=None leaves A and B uninitialised for a loader that fills them;
+    low_cpu_mem_usage puts them on the meta device for the loader to replace.
+
+    Input errors were all raised by the plan; what can still fail here is
+    allocation, and then every change is undone before the error propagates.
+    """
+    config = plan.config
+    touched = list(model.parameters()) if first else (
+        [p for n, p in model.named_parameters() if n.endswith("bias")] if config.bias != "none" else [])
+    trainable = [(param, param.requires_grad) for param in touched]
+    wrapped = {path for path in plan.saved if isinstance(model.get_submodule(path), ModulesToSave)}
+    try:
+        _apply(model, state, plan, init, autocast_adapter_dtype, low_cpu_mem_usage, first)
+    except BaseException:
+        _undo(model, plan, wrapped, trainable)
+        raise
+
+
+def _apply(model: nn.Module, state: AdapterState, plan: Plan, init: bool | str | None,
+           autocast_adapter_dtype: bool, low_cpu_mem_usage: bool, first: bool) -> None:
+    name, config = plan.adapter_name, plan.config
+    trainable = not config.inference_mode
+    if first:
+        model.requires_grad_(False)
+    variant = variant_for(config)
+    for path, module, layer in plan.layers:
+        if layer is not module:
+            layer.training = module.training  # a new wrapper keeps its base's mode: no dropout in eval
+            replace_module(model, path, layer)
+        base_weight = layer.base_weight_reference()
+        record = LoraAdapter(config.rank_for(path), config.alpha_for(path), config.scaling_for(path), variant,
+                             config.merge_weights)
+        layer.add_adapter(name, record, config.lora_dropout, init,
+                          dtype=adapter_dtype(base_weight.dtype, autocast_adapter_dtype),
+                          device=torch.device("meta") if low_cpu_mem_usage else None)
+        for container in (layer.lora_A, layer.lora_B, layer.lora_embedding_A, layer.lora_embedding_B,
+                          layer.lora_dropout):
+            if name in container:
+                container[name].requires_grad_(trainable)
+                if isinstance(container[name], nn.Module):
+                    container[name].train(layer.training)
+        if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias.requires_grad_(trainable)
+    for path in plan.saved:
+        module = model.get_submodule(path)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module, state)
+            module.training = module.original_module.training
+            replace_module(model, path, module)
+        module.add_adapter(name)
+        module.modules_to_save[name].requires_grad_(trainable)
+    if config.bias == "all":
+        for param_name, param in model.named_parameters():
+            # a saved module's original stays frozen (its copy trains in full), as in PEFT
+            if (param_name.endswith("bias") and ".modules_to_save." not in param_name
+                    and ".original_module." not in param_name):
+                param.requires_grad_(trainable)
+
+
+def _undo(model: nn.Module, plan: Plan, wrapped: set[str], trainable: list[tuple[nn.Parameter, bool]]) -> None:
+    """Take back a partial `_apply`: adapters, new wrappers, requires_grad flags."""
+    name = plan.adapter_name
+    for path, module, layer in plan.layers:
+        layer.delete_adapter(name)
+        if layer is not module and model.get_submodule(path) is layer:
+            replace_module(model, path, module)
+    for path in plan.saved:
+        current = model.get_submodule(path)
+        if isinstance(current, ModulesToSave):
+            current.delete_adapter(name)
+            if path not in wrapped:
+                replace_module(model, path, current.original_module)
+    for param, requires_grad in trainable:
+        param.requires_grad_(requires_grad)
