@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import re._constants as _sre  # the regex parser's node types, to refuse nested repeats
 import re._parser as _sre_parse
@@ -23,6 +24,10 @@ from typing import Any
 
 from torch import nn
 
+from .storage.atomic import atomic_write_all, prepare_directory, text_writer
+from .storage.hub import resolve
+
+CONFIG_NAME = "adapter_config.json"
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 BASE_NAME = "__base__"  # in a mixed batch's adapter_names: this sample runs the base model
 BIAS_MODES = ("none", "all", "lora_only")
@@ -42,7 +47,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "corda_config": (None,), "lora_ga_config": (None,), "velora_config": (None,),
 }
 # PEFT fields that are bookkeeping or only steer how an adapter is first built.
-BOOKKEEPING = ("auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+BOOKKEEPING = ("auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
                "layers_pattern", "loftq_config", "runtime_config")
 
 
@@ -309,6 +314,53 @@ class LoraConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    # ---- adapter_config.json --------------------------------------------------------------------
+    def to_file_dict(self) -> dict[str, Any]:
+        """The JSON object of adapter_config.json: PEFT's view, plus our extra fields.
+
+        A fused MergedLinear (enable_lora) is written as PEFT's equivalent plain LoRA:
+        rank groups·r, and alpha scaled to keep s (groups·alpha, sqrt(groups)·alpha with rsLoRA).
+        """
+        data = self.to_dict()
+        rank_factor, alpha_factor = _fused_factors(self.enable_lora, self.use_rslora)
+        if rank_factor > 1:
+            data["r"] = self.r * rank_factor
+            data["lora_alpha"] = self.lora_alpha * alpha_factor
+            data["rank_pattern"] = {k: v * rank_factor for k, v in self.rank_pattern.items()}
+            data["alpha_pattern"] = {k: v * alpha_factor for k, v in self.alpha_pattern.items()}
+        return data
+
+    def to_json_file_text(self) -> str:
+        return json.dumps(self.to_file_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_file_dict(cls, data: Any, source: str) -> "LoraConfig":
+        """The inverse of `to_file_dict`, through `from_dict` (a file must name its peft_type)."""
+        config = cls.from_dict(data, source=source, require_peft_type=True)
+        rank_factor, alpha_factor = _fused_factors(config.enable_lora, config.use_rslora)
+        if rank_factor > 1:
+            ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in config.rank_pattern.items()}}
+            bad = {k: v for k, v in ranks.items() if v % rank_factor}
+            if bad:
+                raise ValueError(f"{source}: {bad} not divisible by the {rank_factor} enabled slices of "
+                                 f"enable_lora={config.enable_lora}: expected PEFT's rank groups·r")
+            config = dataclasses.replace(
+                config, r=config.r // rank_factor, lora_alpha=config.lora_alpha / alpha_factor,
+                rank_pattern={k: v // rank_factor for k, v in config.rank_pattern.items()},
+                alpha_pattern={k: v / alpha_factor for k, v in config.alpha_pattern.items()})
+        return config
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **ignored: Any) -> None:
+        """Write adapter_config.json into `save_directory` (atomically)."""
+        directory = prepare_directory(save_directory)
+        atomic_write_all(directory, {CONFIG_NAME: text_writer(self.to_json_file_text())})
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str | os.PathLike, **hub_kwargs: Any) -> "LoraConfig":
+        """Read adapter_config.json from a local directory or a Hub repo (revision, subfolder, token, ...)."""
+        path = resolve(model_id_or_path, CONFIG_NAME, **hub_kwargs)
+        return cls.from_file_dict(read_json(path), path)
+
     @property
     def is_prompt_learning(self) -> bool:
         return False
@@ -316,6 +368,29 @@ class LoraConfig:
     @property
     def is_adaption_prompt(self) -> bool:
         return False
+
+
+def _fused_factors(enable_lora: list[bool] | None, use_rslora: bool) -> tuple[int, float]:
+    """(rank factor, alpha factor) turning a MergedLinear config into PEFT's equivalent plain LoRA."""
+    groups = sum(enable_lora) if enable_lora else 1
+    return groups, (math.sqrt(groups) if use_rslora else groups)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate keys {duplicates}")
+    return dict(pairs)
+
+
+def read_json(path: str) -> Any:
+    """A JSON file as Python values; ValueError naming the file for bad JSON or a key given twice."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, object_pairs_hook=_no_duplicate_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
+        raise ValueError(f"{path}: not a valid JSON object ({err}); expected a PEFT adapter_config.json") from None
 
 
 def _pattern_value(patterns: dict, module_path: str, default: Any) -> Any:

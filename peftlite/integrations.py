@@ -50,7 +50,7 @@ class LoraTrainer(Trainer):
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError("LoraTrainer does not support FSDP or DeepSpeed: expected single-process or DDP "
                              "training (for FSDP use `peftlite train` under accelerate)")
-        base_class = type(self.lora_model.base_model)
+        base_class = type(self.lora_model.get_base_model())
         if self.args.label_names is None:
             self.label_names = find_labels(base_class)
         self.can_return_loss = can_return_loss(base_class)
@@ -63,7 +63,7 @@ class LoraTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         # Dataset columns are kept when the *base* model's forward takes them.
         if self._signature_columns is None:
-            columns = inspect.signature(self.lora_model.base_model.forward).parameters
+            columns = inspect.signature(self.lora_model.get_base_model().forward).parameters
             self._signature_columns = list(columns) + sorted({"label", "label_ids", *self.label_names})
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .io import hub
 from .io.files import save_adapters
 from .io.loading import LoadResult, hotswap_adapter, load_adapter
 from .layers import LoraLayer, ModulesToSave
+from .storage import hub
 from .tuner import LoraTuner
 
 HUB_ARGUMENTS = ("revision", "subfolder", "token", "cache_dir", "local_files_only")

@@ -217,7 +217,7 @@ UNKNOWN_NAME_CALLS = {
 @pytest.mark.parametrize("method", UNKNOWN_NAME_CALLS)
 @pytest.mark.parametrize("name", ["missing", "defaul", "__base__", ""])
 def test_unknown_adapter_name_is_a_key_error_that_changes_nothing(method, name):
-    message = assert_fails_unchanged(two_adapter_mlp(), lambda m: UNKNOWN_NAME_CALLS[method](m, name), KeyError,
+    message = assert_fails_unchanged(two_adapter_mlp(), lambda m: UNKNOWN_NAME_CALLS[method](m, name), ValueError,
                                      repr(name), "'default'", "'other'")
     assert "unknown adapter" in message
 
@@ -225,7 +225,7 @@ def test_unknown_adapter_name_is_a_key_error_that_changes_nothing(method, name):
 @pytest.mark.parametrize("name", [["other"], 3, None, ("other",)], ids=repr)
 def test_adapter_name_of_the_wrong_type_is_a_key_error(name):
     for call in (lambda m: m.set_adapter(name), lambda m: m.delete_adapter(name)):
-        assert_fails_unchanged(two_adapter_mlp(), call, KeyError, repr(name))
+        assert_fails_unchanged(two_adapter_mlp(), call, ValueError, repr(name))
 
 
 @pytest.mark.parametrize("names,words", [
@@ -272,8 +272,8 @@ BAD_ADAPTER_NAMES = [
     ("default", ValueError, ["adapter_names='default'", "list"]),
     ({"default": 1}, ValueError, ["adapter_names={'default': 1}", "list"]),
     (["default", None, "other", "other"], ValueError, ["None", "string"]),
-    (["default", "missing", "other", "other"], KeyError, ["'missing'", "'default'", "'__base__'"]),
-    (["default", "Default", "other", "other"], KeyError, ["'Default'"]),
+    (["default", "missing", "other", "other"], ValueError, ["'missing'", "'default'", "'__base__'"]),
+    (["default", "Default", "other", "other"], ValueError, ["'Default'"]),
 ]
 
 
@@ -298,7 +298,7 @@ def test_bad_adapter_names_in_generate():
     model = get_lora_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], init_lora_weights=False)).eval()
     ids = token_batch(batch=2, length=4)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=1)
-    for names, error, word in ((["default"], ValueError, "2 samples"), (["default", "x"], KeyError, "'x'")):
+    for names, error, word in ((["default"], ValueError, "2 samples"), (["default", "x"], ValueError, "'x'")):
         assert_fails_unchanged(model, lambda m: m.generate(ids, adapter_names=names, **kwargs), error, word,
                                inputs=(ids,))
 
@@ -398,7 +398,7 @@ def test_missing_directory_and_repo(tmp_path):
 
 
 def test_a_stateless_module_to_save_loads(saved_dir):
-    """modules_to_save naming a module with no parameters (no keys in the file) once raised KeyError mid-load."""
+    """modules_to_save naming a module with no parameters (no keys in the file) once raised ValueError mid-load."""
     set_config(saved_dir, modules_to_save=["relu"])
     model = LoraModel.from_pretrained(MLP(), str(saved_dir))
     assert set(model.peft_config) == {"default"}
@@ -478,7 +478,7 @@ def test_unknown_adapter_names_when_saving_pushing_or_hotswapping(saved_dir, tmp
         "hotswap_adapter": lambda m: m.hotswap_adapter(str(saved_dir), "missing"),
     }
     for call in calls.values():
-        assert_fails_unchanged(two_adapter_mlp(), call, KeyError, "'missing'", "'default'")
+        assert_fails_unchanged(two_adapter_mlp(), call, ValueError, "'missing'", "'default'")
     assert_fails_unchanged(two_adapter_mlp(), lambda m: m.save_pretrained(out, selected_adapters=5), ValueError,
                            "selected_adapters=5")
     assert not out.exists()
@@ -525,4 +525,4 @@ def test_add_weighted_adapter_bad_numbers_change_nothing():
     for call, words in calls:
         assert_fails_unchanged(model, call, ValueError, *words)
     assert_fails_unchanged(model, lambda m: m.add_weighted_adapter(["default", "missing"], [1, 1], "mix", "cat"),
-                           KeyError, "'missing'")
+                           ValueError, "'missing'")

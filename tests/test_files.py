@@ -160,7 +160,7 @@ def test_layout_config_and_model_card(tmp_path):
 
     model.save_pretrained(tmp_path / "only", selected_adapters=["second"])
     assert os.listdir(tmp_path / "only") == ["second"]
-    with pytest.raises(KeyError, match="'third'"):
+    with pytest.raises(ValueError, match="'third'"):
         model.save_pretrained(tmp_path / "x", selected_adapters=["third"])
 
 
@@ -326,5 +326,5 @@ def test_hotswap_mismatch_raises_and_changes_nothing(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
         model.hotswap_adapter(str(tmp_path / "b"), "default")
     assert_unchanged(model, before)
-    with pytest.raises(KeyError, match="'missing'"):
+    with pytest.raises(ValueError, match="'missing'"):
         model.hotswap_adapter(str(tmp_path / "a"), "missing")

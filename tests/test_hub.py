@@ -215,7 +215,7 @@ def test_push_to_hub_uploads_one_commit(fake_hub, tmp_path):
     weights = load(files["adapter_model.safetensors"])
     layer = model.base_model.model.layers[0].self_attn.q_proj
     assert torch.equal(weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
-                       layer.adapters["default"].lora_A.detach())
+                       layer.factors("default")[0].detach())
 
 
 def test_push_one_named_adapter_puts_it_at_the_root(fake_hub):
@@ -235,7 +235,7 @@ def test_push_one_named_adapter_puts_it_at_the_root(fake_hub):
 
 def test_push_unknown_adapter_or_bad_repo_id_uploads_nothing(fake_hub):
     model = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
-    with pytest.raises(KeyError, match="'missing'"):
+    with pytest.raises(ValueError, match="'missing'"):
         model.push_to_hub(REPO, adapter_name="missing")
     with pytest.raises(ValueError, match="repo_id='not a/valid/repo id' is invalid"):
         model.push_to_hub("not a/valid/repo id")

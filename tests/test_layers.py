@@ -19,7 +19,8 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlite import functional as LF
 from peftlite.fast import masks
-from peftlite.layers import AdapterState, Conv2d, Embedding, Linear, MergedLinear, make_lora_layer
+from peftlite.layers import AdapterState, Conv2d, Embedding, Linear, LoraAdapter, MergedLinear, make_lora_layer
+from peftlite.variants.lora import PLAIN_LORA
 from tiny_models import one_torch_thread
 
 ATOL = 1e-5
@@ -36,12 +37,16 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def add(layer, name="a", r=4, scaling=0.5, init=False, dropout=0.0, merge_weights=False):
+    """Give `layer` a plain LoRA adapter `name` and make it the active one."""
+    layer.add_adapter(name, LoraAdapter(r, scaling * r, scaling, PLAIN_LORA, merge_weights), dropout, init)
+    layer.state.active = (name,)
+
+
 def wrap(layer_cls, base, *args, r=4, scaling=0.5, init=False, dropout=0.0, merge_weights=False, **kwargs):
     """A LoRA layer around `base` with one active adapter named "a"."""
-    state = AdapterState()
-    layer = layer_cls(base, state, *args, **kwargs)
-    layer.add_adapter("a", r, scaling, dropout, init, merge_weights)
-    state.active = "a"
+    layer = layer_cls(base, AdapterState(), *args)
+    add(layer, "a", r, scaling, init, dropout, merge_weights)
     return layer.eval()
 
 
@@ -87,27 +92,26 @@ def test_conv2d_delta_equals_conv_with_delta_weight():
 @pytest.mark.parametrize("base", [nn.Linear(16, 12), Conv1D(12, 16), nn.Embedding(20, 12),
                                   nn.Conv2d(3, 12, 3, padding=1)], ids=["linear", "conv1d", "embedding", "conv2d"])
 def test_default_init_gives_exactly_the_base_output(base):
-    layer = make_lora_layer(base, AdapterState(), fan_in_fan_out=False, enable_lora=None)
-    layer.add_adapter("a", 4, 2.0, 0.0, True, False)
-    layer.state.active = "a"
+    layer = make_lora_layer("base", base, AdapterState(), enable_lora=None)
+    add(layer, "a", r=4, scaling=2.0, init=True)
     x = {nn.Embedding: torch.randint(0, 20, (2, 7)), nn.Conv2d: torch.randn(2, 3, 6, 6)}.get(type(base),
                                                                                            torch.randn(2, 7, 16))
     assert torch.equal(layer(x), base(x))
-    record = layer.adapters["a"]
+    lora_A, lora_B = layer.factors("a")
     if isinstance(base, nn.Embedding):  # PEFT: A zeros, B normal
-        assert not record.lora_A.any() and record.lora_B.any()
+        assert not lora_A.any() and lora_B.any()
     else:  # A Kaiming-uniform with a=√5 (bound 1/sqrt(fan_in)), B zeros
-        fan_in = record.lora_A[0].numel()
-        assert record.lora_A.abs().max() <= 1 / math.sqrt(fan_in) and record.lora_A.std() > 0
-        assert not record.lora_B.any()
+        fan_in = lora_A[0].numel()
+        assert lora_A.abs().max() <= 1 / math.sqrt(fan_in) and lora_A.std() > 0
+        assert not lora_B.any()
 
 
 def test_gaussian_init_is_normal_with_std_one_over_r_and_zero_B():
     torch.manual_seed(0)
     r = 4
     layer = wrap(Linear, nn.Linear(4096, 8), r=r, init="gaussian")
-    A = layer.adapters["a"].lora_A
-    assert not layer.adapters["a"].lora_B.any()
+    A = layer.factors("a")[0]
+    assert not layer.factors("a")[1].any()
     assert abs(A.mean().item()) < 0.01
     assert A.std().item() == pytest.approx(1 / r, rel=0.03)  # PEFT: normal_(std=1/r); 1/sqrt(r) would be 0.5
 
@@ -125,7 +129,7 @@ def test_linear_matches_formula_and_wraps_without_copying():
     layer = wrap(Linear, base, r=3, scaling=0.75)
     assert layer.base_layer is base and base.weight.data_ptr() == weight_ptr
     assert torch.equal(base.weight, weight_before)
-    A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
+    A, B = layer.factors("a")[0], layer.factors("a")[1]
     assert A.shape == (3, 10) and B.shape == (7, 3)
     x = torch.randn(2, 4, 10)
     expected = x @ base.weight.T + base.bias + (x @ A.T @ B.T) * 0.75
@@ -136,11 +140,11 @@ def test_conv1d_sets_fan_in_fan_out_automatically():
     base = Conv1D(7, 10)  # transformers Conv1D(nf=out, nx=in): weight (in, out)
     layer = wrap(Linear, base, r=3, scaling=0.75)
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (10, 7)
-    A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
+    A, B = layer.factors("a")[0], layer.factors("a")[1]
     x = torch.randn(2, 4, 10)
     expected = x @ base.weight + base.bias + (x @ A.T @ B.T) * 0.75
     torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=1e-5)
-    delta = layer.delta_weight(layer.adapters["a"])
+    delta = layer.delta_weight("a")
     assert delta.shape == base.weight.shape
     torch.testing.assert_close(delta, (B @ A).T * 0.75)
 
@@ -148,7 +152,7 @@ def test_conv1d_sets_fan_in_fan_out_automatically():
 def test_embedding_matches_formula():
     base = nn.Embedding(20, 6, padding_idx=0)
     layer = wrap(Embedding, base, r=3, scaling=2.0)
-    A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
+    A, B = layer.factors("a")[0], layer.factors("a")[1]
     assert A.shape == (3, 20) and B.shape == (6, 3)
     ids = torch.randint(0, 20, (2, 9))
     expected = base.weight[ids] + (A.T[ids] @ B.T) * 2.0
@@ -158,7 +162,7 @@ def test_embedding_matches_formula():
 def test_conv2d_matches_formula():
     base = nn.Conv2d(3, 8, kernel_size=3, stride=2, padding=1)
     layer = wrap(Conv2d, base, r=2, scaling=1.5)
-    A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
+    A, B = layer.factors("a")[0], layer.factors("a")[1]
     assert A.shape == (2, 3, 3, 3) and B.shape == (8, 2, 1, 1)
     x = torch.randn(2, 3, 11, 11)
     expected = base(x) + F.conv2d(F.conv2d(x, A, stride=2, padding=1), B) * 1.5
@@ -168,7 +172,7 @@ def test_conv2d_matches_formula():
 def test_dropout_applies_to_the_lora_input_in_training_only():
     torch.manual_seed(0)
     layer = wrap(Linear, nn.Linear(64, 32), dropout=0.5)
-    A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
+    A, B = layer.factors("a")[0], layer.factors("a")[1]
     x = torch.randn(4, 64)
     base_out = layer.base_layer(x)
     torch.testing.assert_close(layer(x), base_out + x @ A.T @ B.T * 0.5)  # eval: no dropout
@@ -192,15 +196,16 @@ def test_merge_matches_unmerged_output_and_unmerge_restores(make):
         torch.randn(2, 3, 6, 6) if isinstance(layer, Conv2d) else torch.randn(2, 5, 10))
     weight_before = layer.base_layer.weight.detach().clone()
     unmerged = layer(x)
-    layer.merge("a")
-    assert layer.merged == ["a"] and layer.state.merged_count == 1
+    layer.merge(adapter_names=["a"])
+    assert layer.merged_adapters == ["a"] and layer.state.merged_count == 1
     assert not torch.allclose(layer.base_layer.weight, weight_before)
     torch.testing.assert_close(layer(x), unmerged, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(layer.base_layer(x), unmerged, atol=ATOL, rtol=1e-5)  # the delta is in W now
-    with pytest.raises(ValueError, match="already merged"):
-        layer.merge("a")
+    with pytest.warns(UserWarning, match="already merged"):  # as PEFT: a second merge is skipped, with a warning
+        layer.merge(adapter_names=["a"])
+    assert layer.merged_adapters == ["a"] and layer.state.merged_count == 1
     layer.unmerge()
-    assert layer.merged == [] and layer.state.merged_count == 0
+    assert layer.merged_adapters == [] and layer.state.merged_count == 0
     torch.testing.assert_close(layer.base_layer.weight, weight_before, atol=1e-6, rtol=0)
     torch.testing.assert_close(layer(x), unmerged, atol=ATOL, rtol=1e-5)
 
@@ -210,10 +215,10 @@ def test_merge_weights_eval_merges_and_train_unmerges():
     x = torch.randn(3, 10)
     unmerged = layer(x)
     layer.eval()
-    assert layer.merged == ["a"]
+    assert layer.merged_adapters == ["a"]
     torch.testing.assert_close(layer(x), unmerged, atol=ATOL, rtol=1e-5)
     layer.train()
-    assert layer.merged == []
+    assert layer.merged_adapters == []
     torch.testing.assert_close(layer(x), unmerged, atol=ATOL, rtol=1e-5)
 
 
@@ -233,19 +238,19 @@ def test_merged_linear_matches_loralib(fan_in_fan_out, enable_lora):
     with torch.no_grad():
         base.weight.copy_(ref.weight)
         base.bias.copy_(ref.bias)
-    layer = wrap(MergedLinear, base, enable_lora, r=r, scaling=alpha / r, fan_in_fan_out=fan_in_fan_out)
-    record = layer.adapters["a"]
-    assert record.lora_A.shape == ref.lora_A.shape and record.lora_B.shape == ref.lora_B.shape
+    layer = wrap(MergedLinear, base, enable_lora, r=r, scaling=alpha / r)
+    lora_A, lora_B = layer.factors("a")
+    assert lora_A.shape == ref.lora_A.shape and lora_B.shape == ref.lora_B.shape
     with torch.no_grad():
-        record.lora_A.copy_(ref.lora_A)
-        record.lora_B.copy_(ref.lora_B)
+        lora_A.copy_(ref.lora_A)
+        lora_B.copy_(ref.lora_B)
     x = torch.randn(2, 5, d_in)
     expected = ref(x)  # loralib's unmerged forward
     torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=1e-5)
     # ΔW in the base weight's own layout ((in, out) for fan_in_fan_out), as loralib's merge_AB gives it.
-    torch.testing.assert_close(layer.delta_weight(record), ref.merge_AB() * ref.scaling)
+    torch.testing.assert_close(layer.delta_weight("a"), ref.merge_AB() * ref.scaling)
     # Our merge against our unmerged output, and the merged weight against loralib's merged weight.
-    layer.merge("a")
+    layer.merge(adapter_names=["a"])
     torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=1e-5)
     ref.merge_weights = True
     ref.eval()
@@ -261,7 +266,7 @@ def test_merged_linear_disabled_slices_get_exactly_zero_update():
     update = layer(x) - base(x)
     assert torch.equal(update[..., 8:16], torch.zeros_like(update[..., 8:16]))
     assert update[..., :8].abs().min() > 0 and update[..., 16:].abs().min() > 0
-    layer.merge("a")
+    layer.merge(adapter_names=["a"])
     assert torch.equal(base.weight[8:16], weight_before[8:16])
     assert not torch.equal(base.weight[:8], weight_before[:8])
 
@@ -278,9 +283,9 @@ def test_no_active_adapter_or_disabled_gives_the_base_output():
     base_out = layer.base_layer(x)
     layer.state.disabled = True
     assert torch.equal(layer(x), base_out)
-    layer.state.disabled, layer.state.active = False, None
+    layer.state.disabled, layer.state.active = False, ()
     assert torch.equal(layer(x), base_out)
-    layer.state.active = "other"  # an adapter this layer does not hold
+    layer.state.active = ("other",)  # an adapter this layer does not hold
     assert torch.equal(layer(x), base_out)
 
 
@@ -291,4 +296,4 @@ def test_conv2d_with_groups_is_rejected():
 
 def test_unsupported_module_is_rejected_naming_its_type():
     with pytest.raises(ValueError, match="LayerNorm"):
-        make_lora_layer(nn.LayerNorm(4), AdapterState(), False, None)
+        make_lora_layer("norm", nn.LayerNorm(4), AdapterState(), None)

@@ -107,15 +107,8 @@ PEFT_TARGETS = {tiny_vit: ["q_proj", "v_proj"]}  # transformers 5 ViT names; pef
 
 
 def trainable_names(model: nn.Module, peft_model: bool) -> set[str]:
-    """Trainable parameter names with each library's wrapper parts taken out, so the two can be compared."""
-    drop = {"adapters", "default", "weight"}
-    names = set()
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            name = name.removeprefix("base_model.model." if peft_model else "base_model.")
-            name = name.replace("lora_embedding_", "lora_")
-            names.add(".".join(part for part in name.split(".") if part not in drop))
-    return names
+    """Trainable parameter names, exactly as named_parameters gives them (PEFT's names in both libraries)."""
+    return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
 def make_pair(factory, kwargs):
@@ -141,8 +134,9 @@ def test_same_weights_same_outputs_and_counts_as_peft(factory, kwargs, inputs):
     torch.testing.assert_close(ours, run(theirs, x), atol=ATOL, rtol=1e-5)
     assert lite.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     assert trainable_names(lite, False) == trainable_names(theirs, True)
-    assert lora_paths(lite.base_model, LoraLayer) == lora_paths(theirs.base_model.model, peft.tuners.lora.LoraLayer)
-    assert lora_paths(lite.base_model, ModulesToSave) == lora_paths(
+    assert list(lite.state_dict()) == list(theirs.state_dict())  # same names, same order
+    assert lora_paths(lite.get_base_model(), LoraLayer) == lora_paths(theirs.base_model.model, peft.tuners.lora.LoraLayer)
+    assert lora_paths(lite.get_base_model(), ModulesToSave) == lora_paths(
         theirs.base_model.model, peft.utils.other.ModulesToSaveWrapper)
     with lite.disable_adapter(), theirs.disable_adapter():
         assert torch.equal(run(lite, x), base_out)
@@ -168,11 +162,12 @@ def test_llama_patterns_give_per_module_rank_and_scaling():
                         alpha_pattern={"down_proj": 3})
     lite = get_lora_model(tiny_llama(), config)
     layers = dict(lite.lora_layers())
-    q, down, v = (layers[f"model.layers.0.{p}"].adapters["default"] for p in
-                  ("self_attn.q_proj", "mlp.down_proj", "self_attn.v_proj"))
-    assert (q.r, q.lora_A.shape[0]) == (2, 2) and q.scaling == pytest.approx(8 / 2 ** 0.5)
-    assert down.r == 4 and down.scaling == pytest.approx(3 / 2)
-    assert v.r == 4 and v.scaling == pytest.approx(8 / 2)
+    q, down, v = (layers[f"model.layers.0.{p}"] for p in ("self_attn.q_proj", "mlp.down_proj", "self_attn.v_proj"))
+    # read through PEFT's per-layer names
+    assert (q.r["default"], q.lora_A["default"].weight.shape[0]) == (2, 2)
+    assert q.scaling["default"] == pytest.approx(8 / 2 ** 0.5)
+    assert down.r["default"] == 4 and down.scaling["default"] == pytest.approx(3 / 2)
+    assert v.r["default"] == 4 and v.scaling["default"] == pytest.approx(8 / 2)
 
 
 def test_layers_to_transform_reads_the_first_numbered_segment():
@@ -186,7 +181,7 @@ def test_layers_to_transform_reads_the_first_numbered_segment():
             self.model = nn.ModuleDict({"blocks": blocks})
 
     kwargs = dict(target_modules=["w"], layers_to_transform=[1])
-    ours = lora_paths(get_lora_model(Experts(), LoraConfig(**kwargs)).base_model, LoraLayer)
+    ours = lora_paths(get_lora_model(Experts(), LoraConfig(**kwargs)).get_base_model(), LoraLayer)
     theirs = lora_paths(peft.get_peft_model(Experts(), peft.LoraConfig(**kwargs)).base_model.model,
                         peft.tuners.lora.LoraLayer)
     assert ours == theirs == ["model.blocks.1.experts.0.w", "model.blocks.1.experts.1.w"]
@@ -208,7 +203,7 @@ SELECTIONS = [
 
 @pytest.mark.parametrize("kwargs", SELECTIONS, ids=[str(i) for i in range(len(SELECTIONS))])
 def test_target_selection_matches_peft(kwargs):
-    ours = lora_paths(get_lora_model(tiny_llama(), LoraConfig(**copy.deepcopy(kwargs))).base_model, LoraLayer)
+    ours = lora_paths(get_lora_model(tiny_llama(), LoraConfig(**copy.deepcopy(kwargs))).get_base_model(), LoraLayer)
     peft_kwargs = copy.deepcopy(kwargs)
     if peft_kwargs.get("target_modules") == "all-linear" and "layers_to_transform" in peft_kwargs:
         # peft refuses layers_to_transform with a string target; its "all-linear" expands to these names
@@ -222,7 +217,7 @@ def test_target_selection_matches_peft(kwargs):
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
 def test_all_linear_leaves_the_output_head_alone(factory):
     lite = get_lora_model(factory(), LoraConfig(target_modules="all-linear"))
-    paths = lora_paths(lite.base_model, LoraLayer)
+    paths = lora_paths(lite.get_base_model(), LoraLayer)
     assert "lm_head" not in paths and len(paths) > 2
 
 

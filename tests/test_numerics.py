@@ -70,18 +70,18 @@ def test_a_thousand_merge_unmerge_cycles_do_not_drift(name, make, kwargs, inputs
     assert drift < MAX_DRIFT, f"output drifted by {drift} after {CYCLES} cycles"
 
 
-def break_with_nan(adapter) -> None:
-    adapter.lora_B[1, 0] = float("nan")
+def break_with_nan(lora_A, lora_B) -> None:
+    lora_B[1, 0] = float("nan")
 
 
-def break_with_inf(adapter) -> None:
-    adapter.lora_A[0, 3] = float("-inf")
+def break_with_inf(lora_A, lora_B) -> None:
+    lora_A[0, 3] = float("-inf")
 
 
-def break_by_overflow(adapter) -> None:
+def break_by_overflow(lora_A, lora_B) -> None:
     """Every entry finite, but row 1 of B @ A is 1e38 · 100 summed over r: beyond float32's 3.4e38."""
-    adapter.lora_B[1, :] = 1e38
-    adapter.lora_A[:, 0] = 100.0
+    lora_B[1, :] = 1e38
+    lora_A[:, 0] = 100.0
 
 
 @pytest.mark.parametrize("breaks", [break_with_nan, break_with_inf, break_by_overflow])
@@ -91,7 +91,7 @@ def test_safe_merge_refuses_nan_or_inf_and_leaves_weights_bit_identical(breaks):
                            adapter_name="good")
     model.add_adapter("bad", LoraConfig(target_modules=["lin0", "lin1", "head"], init_lora_weights=False))
     with torch.no_grad():
-        breaks(model.base_model.head.adapters["bad"])
+        breaks(*model.base_model.head.factors("bad"))
     x = torch.randn(3, 10)
     before, out = model_fingerprint(model), model(x)
     calls = [lambda: model.merge_adapter(["bad"], safe_merge=True),
@@ -112,10 +112,10 @@ def test_safe_merge_catches_overflow_in_the_weight_dtype():
     model = get_lora_model(MLP(), LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
     model.half()
     with torch.no_grad():
-        layer = model.base_model.lin1.adapters["default"]
-        layer.lora_A.zero_()
-        layer.lora_B.zero_()
-        layer.lora_A[0, 0], layer.lora_B[0, 0] = 1000.0, 100.0  # s = 1: ΔW[0, 0] = 1e5
+        lora_A, lora_B = model.base_model.lin1.factors("default")
+        lora_A.zero_()
+        lora_B.zero_()
+        lora_A[0, 0], lora_B[0, 0] = 1000.0, 100.0  # s = 1: ΔW[0, 0] = 1e5
     before = model_fingerprint(model)
     with pytest.raises(ValueError, match="'default'.*NaN or Inf"):
         model.merge_adapter(safe_merge=True)
@@ -126,7 +126,7 @@ def test_safe_merge_checks_embedding_and_conv_layers():
     for path in ("emb", "conv"):
         model = get_lora_model(ConvNet(), LoraConfig(target_modules=["emb", "conv", "head"], init_lora_weights=False))
         with torch.no_grad():
-            model.base_model.get_submodule(path).adapters["default"].lora_B.view(-1)[0] = float("inf")
+            model.get_base_model().get_submodule(path).factors("default")[1].view(-1)[0] = float("inf")
         before = model_fingerprint(model)
         with pytest.raises(ValueError, match="NaN or Inf"):
             model.merge_adapter(safe_merge=True)
@@ -137,8 +137,8 @@ def test_unsafe_merge_of_a_finite_adapter_equals_the_written_out_formula():
     """merge adds exactly s · B @ A (the reference the drift test leans on)."""
     model = get_lora_model(MLP(), LoraConfig(target_modules=["lin1"], r=4, lora_alpha=12, init_lora_weights=False))
     layer = model.base_model.lin1
-    adapter = layer.adapters["default"]
-    expected = layer.weight.detach() + (adapter.lora_B @ adapter.lora_A).detach() * (12 / 4)
+    lora_A, lora_B = layer.factors("default")
+    expected = layer.weight.detach() + (lora_B @ lora_A).detach() * (12 / 4)
     model.merge_adapter(safe_merge=True)
     torch.testing.assert_close(layer.weight.detach(), expected, rtol=0, atol=1e-6)
 

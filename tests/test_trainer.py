@@ -27,7 +27,7 @@ from tiny_models import tiny_bert, tiny_gpt2, token_batch
 
 
 def lora_weights(model: LoraModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    return {f"{path}.{part}": getattr(layer.adapters[adapter_name], part).detach().clone()
+    return {f"{path}.{part}": layer.factors(adapter_name)[("lora_A", "lora_B").index(part)].detach().clone()
             for path, layer in model.lora_layers() if adapter_name in layer.adapters for part in ("lora_A", "lora_B")}
 
 
@@ -61,7 +61,7 @@ def gpt2_lora(seed: int = 0) -> LoraModel:
                                                    task_type="CAUSAL_LM"))
     torch.manual_seed(seed)  # a different seed gives different LoRA A after wrapping
     for _, layer in model.lora_layers():
-        torch.nn.init.normal_(layer.adapters["default"].lora_A, std=0.1)
+        torch.nn.init.normal_(layer.factors("default")[0], std=0.1)
     return model
 
 
@@ -182,7 +182,7 @@ args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=batc
                          disable_tqdm=True, seed=0)
 trainer = LoraTrainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
 trainer.train()
-weights = {f"{p}.{k}": getattr(l.adapters["default"], k).detach()
+weights = {f"{p}.{k}": l.factors("default")[("lora_A", "lora_B").index(k)].detach()
            for p, l in model.lora_layers() for k in ("lora_A", "lora_B")}
 torch.save(weights, os.path.join(output_dir, f"rank{trainer.args.process_index}.pt"))
 """

@@ -75,7 +75,7 @@ class PlainLora(nn.Module):
 
 def plain_copy(lite) -> nn.Module:
     """A deep copy of a peftlite model's base model with every LoRA layer replaced by PlainLora."""
-    model = copy.deepcopy(lite.base_model)
+    model = copy.deepcopy(lite.get_base_model())
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             parent, _, child = path.rpartition(".")
@@ -143,9 +143,9 @@ def route(request, monkeypatch):
     rows (one block holds these tiny batches otherwise), so both ways of running them are held
     to the reference.
     """
-    monkeypatch.setattr(LF, "folding_pays", lambda *sizes: request.param == "folded")
+    monkeypatch.setattr(fast_linear, "folding_pays", lambda *sizes: request.param == "folded")
     if request.param == "unfolded":
-        monkeypatch.setattr(LF, "MASKED_BLOCK_BYTES", 200)
+        monkeypatch.setattr(fast_linear, "MASKED_BLOCK_BYTES", 200)
     return request.param
 
 
@@ -153,7 +153,7 @@ def route(request, monkeypatch):
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_and_grads_equal_the_plain_formulation(case, dropout, route):
     _, lite, loss_fn, _ = make_lite(case, dropout)
-    assert_same(loss_and_grads(lite.base_model, loss_fn), loss_and_grads(plain_copy(lite).train(), loss_fn))
+    assert_same(loss_and_grads(lite.get_base_model(), loss_fn), loss_and_grads(plain_copy(lite).train(), loss_fn))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "MergedLinear"])  # PEFT has no enable_lora
@@ -161,7 +161,7 @@ def test_loss_and_grads_equal_peft(case, route):
     base, lite, loss_fn, kwargs = make_lite(case, 0.0)
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **kwargs)).train()
     copy_lora_to_peft(lite, reference)
-    loss, grads = loss_and_grads(lite.base_model, loss_fn)
+    loss, grads = loss_and_grads(lite.get_base_model(), loss_fn)
     peft_loss, peft_grads = loss_and_grads(reference.base_model.model, loss_fn)
     torch.testing.assert_close(loss, peft_loss, rtol=0, atol=TOL)
     for path, layer in lite.lora_layers():
@@ -169,7 +169,7 @@ def test_loss_and_grads_equal_peft(case, route):
         pairs = ((peft_layer.lora_embedding_A["default"], peft_layer.lora_embedding_B["default"])
                  if isinstance(layer, Embedding)
                  else (peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight))
-        for mine, theirs in zip((layer.adapters["default"].lora_A, layer.adapters["default"].lora_B), pairs):
+        for mine, theirs in zip((layer.factors("default")[0], layer.factors("default")[1]), pairs):
             torch.testing.assert_close(mine.grad, theirs.grad, rtol=0, atol=TOL, msg=path)
     saved = {n: g for n, g in grads.items() if "modules_to_save" in n}
     assert bool(saved) == ("modules_to_save" in kwargs or "task_type" in kwargs)
@@ -187,14 +187,14 @@ def test_merged_linear_grads_equal_loralib():
     wrapper = nn.Sequential(base)
     lite = get_lora_model(wrapper, LoraConfig(r=2, lora_alpha=4, target_modules=["0"],
                                               enable_lora=[True, False, True], init_lora_weights=False))
-    layer = lite.base_model[0]
-    reference.lora_A.data.copy_(layer.adapters["default"].lora_A)
-    reference.lora_B.data.copy_(layer.adapters["default"].lora_B)
+    layer = lite.get_base_model()[0]
+    reference.lora_A.data.copy_(layer.factors("default")[0])
+    reference.lora_B.data.copy_(layer.factors("default")[1])
     x = torch.randn(4, 3, 6)
     lite(x).square().sum().backward()
     reference(x).square().sum().backward()
-    torch.testing.assert_close(layer.adapters["default"].lora_A.grad, reference.lora_A.grad, rtol=0, atol=TOL)
-    torch.testing.assert_close(layer.adapters["default"].lora_B.grad, reference.lora_B.grad, rtol=0, atol=TOL)
+    torch.testing.assert_close(layer.factors("default")[0].grad, reference.lora_A.grad, rtol=0, atol=TOL)
+    torch.testing.assert_close(layer.factors("default")[1].grad, reference.lora_B.grad, rtol=0, atol=TOL)
 
 
 # ---- the Functions themselves ---------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_merged_linear_grads_equal_loralib():
                                                       (0.3, False, 3)])
 def test_lora_linear_function_gradcheck(fan_in_fan_out, slices, dropout, fold, block_rows, monkeypatch):
     if block_rows:  # the masked products in blocks of 3, 3 and 2 of the 8 rows
-        monkeypatch.setattr(LF, "MASKED_BLOCK_BYTES", block_rows * 5 * 8)
+        monkeypatch.setattr(fast_linear, "MASKED_BLOCK_BYTES", block_rows * 5 * 8)
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -322,10 +322,10 @@ def test_function_saves_shared_input_once():
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_gradient_checkpointing_gives_the_same_grads(dropout):
     _, lite, loss_fn, _ = make_lite("Linear", dropout)
-    expected = loss_and_grads(lite.base_model, loss_fn)
+    expected = loss_and_grads(lite.get_base_model(), loss_fn)
     lite.gradient_checkpointing_enable()
     assert lite.base_model.is_gradient_checkpointing
-    assert_same(loss_and_grads(lite.base_model, loss_fn), expected)
+    assert_same(loss_and_grads(lite.get_base_model(), loss_fn), expected)
 
 
 @pytest.mark.parametrize("case", ["Linear", "Conv1D", "MergedLinear", "Embedding+Conv2d"])
@@ -337,10 +337,10 @@ def test_no_grad_inference_and_merged_weights_give_the_training_output(case, rou
         torch.manual_seed(7)
         plain = loss_fn(plain_copy(lite).eval())
         torch.manual_seed(7)
-        inferred = loss_fn(lite.base_model)
+        inferred = loss_fn(lite.get_base_model())
         lite.merge_adapter()
         torch.manual_seed(7)
-        merged = loss_fn(lite.base_model)
+        merged = loss_fn(lite.get_base_model())
     torch.testing.assert_close(inferred, plain, rtol=0, atol=TOL)
     torch.testing.assert_close(merged, plain, rtol=1e-4, atol=TOL)
 
@@ -361,7 +361,7 @@ def test_half_precision_never_folds_a_small_update_into_the_weight():
 def test_half_precision_model_trains_through_the_fused_path(dtype):
     _, lite, loss_fn, _ = make_lite("Linear", 0.1)
     lite.to(dtype)
-    loss, grads = loss_and_grads(lite.base_model, loss_fn)
+    loss, grads = loss_and_grads(lite.get_base_model(), loss_fn)
     plain_loss, plain_grads = loss_and_grads(plain_copy(lite).train(), loss_fn)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     torch.testing.assert_close(loss, plain_loss, rtol=2e-2, atol=2e-2)
@@ -376,11 +376,11 @@ def test_half_precision_base_with_fp32_adapters_casts():
     lite.base_model.to(torch.bfloat16)
     for _, layer in lite.lora_layers():
         layer.adapters.float()
-    loss, grads = loss_and_grads(lite.base_model, loss_fn)
+    loss, grads = loss_and_grads(lite.get_base_model(), loss_fn)
     assert torch.isfinite(loss)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
     with torch.no_grad():
-        out = lite.base_model(input_ids=token_batch()).logits
+        out = lite.get_base_model()(input_ids=token_batch()).logits
     assert out.dtype == torch.bfloat16
 
 

@@ -32,9 +32,9 @@ from transformers.utils import logging
 
 from ..config import LoraConfig
 from ..io.files import read_adapter
-from ..io.hub import push_directory
 from ..io.keys import parse_file_key
 from ..peft_model import LoraModel, get_lora_model
+from ..storage.hub import push_directory
 from . import training
 from .demo import run as run_demo
 

@@ -12,11 +12,8 @@ what was read into a model is loading.py's job.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,82 +21,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..config import LoraConfig
-from . import hub
-from .atomic import atomic_write_all, prepare_directory, text_writer, write_safetensors
+from ..config import CONFIG_NAME, LoraConfig
+from ..storage import hub
+from ..storage.atomic import (
+    atomic_write_all,
+    prepare_directory,
+    text_writer,
+    write_safetensors,
+)
 from .card import model_card
 from .keys import adapter_tensors
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 CARD_NAME = "README.md"
 
 
 # ---- config <-> file -----------------------------------------------------------------------------
-def _fused_factors(config_enable_lora: list[bool] | None, use_rslora: bool) -> tuple[int, float]:
-    """(rank factor, alpha factor) turning a MergedLinear config into PEFT's equivalent plain LoRA.
-
-    PEFT sees rank groups·r; keeping s fixed needs alpha·groups (alpha·sqrt(groups) with rsLoRA).
-    """
-    groups = sum(config_enable_lora) if config_enable_lora else 1
-    return groups, (math.sqrt(groups) if use_rslora else groups)
-
-
-def config_to_file(config: LoraConfig) -> dict[str, Any]:
-    """The JSON object of adapter_config.json: PEFT's view, plus our extra fields."""
-    data = config.to_dict()
-    rank_factor, alpha_factor = _fused_factors(config.enable_lora, config.use_rslora)
-    if rank_factor > 1:
-        data["r"] = config.r * rank_factor
-        data["lora_alpha"] = config.lora_alpha * alpha_factor
-        data["rank_pattern"] = {k: v * rank_factor for k, v in config.rank_pattern.items()}
-        data["alpha_pattern"] = {k: v * alpha_factor for k, v in config.alpha_pattern.items()}
-    return data
-
-
-def config_from_file(data: Any, source: str) -> LoraConfig:
-    """LoraConfig from a PEFT or peftlite adapter_config.json object (LoraConfig.from_dict, the one parser).
-
-    A fused MergedLinear config is read back from PEFT's equivalent plain LoRA (rank groups·r).
-    """
-    config = LoraConfig.from_dict(data, source=source, require_peft_type=True)
-    rank_factor, alpha_factor = _fused_factors(config.enable_lora, config.use_rslora)
-    if rank_factor > 1:
-        ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in config.rank_pattern.items()}}
-        bad = {k: v for k, v in ranks.items() if v % rank_factor}
-        if bad:
-            raise ValueError(f"{source}: {bad} not divisible by the {rank_factor} enabled slices of "
-                             f"enable_lora={config.enable_lora}: expected PEFT's rank groups·r")
-        config = dataclasses.replace(
-            config, r=config.r // rank_factor, lora_alpha=config.lora_alpha / alpha_factor,
-            rank_pattern={k: v // rank_factor for k, v in config.rank_pattern.items()},
-            alpha_pattern={k: v / alpha_factor for k, v in config.alpha_pattern.items()})
-    return config
-
-
-def write_config(config: LoraConfig, save_directory: str | os.PathLike) -> None:
-    """Write adapter_config.json into `save_directory` atomically (LoraConfig.save_pretrained)."""
-    directory = prepare_directory(save_directory)
-    atomic_write_all(directory, {CONFIG_NAME: text_writer(_config_json(config))})
-
-
 def read_config(model_id_or_path: str, **hub_kwargs: Any) -> LoraConfig:
-    """adapter_config.json from a directory or a Hub repo (LoraConfig.from_pretrained)."""
-    path = hub.resolve(model_id_or_path, CONFIG_NAME, **hub_kwargs)
-    return config_from_file(_read_json(path), path)
-
-
-def _config_json(config: LoraConfig) -> str:
-    return json.dumps(config_to_file(config), indent=2, sort_keys=True) + "\n"
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: absurd nesting
-        raise ValueError(f"{path}: not valid JSON ({err}); expected a PEFT adapter_config.json") from None
+    return LoraConfig.from_pretrained(model_id_or_path, **hub_kwargs)
 
 
 # ---- weights ------------------------------------------------------------------------------------
@@ -172,7 +112,7 @@ def save_adapters(root: nn.Module, configs: dict[str, LoraConfig], save_director
                                      or _base_model_name(root))
         tensors = adapter_tensors(root, config, name)
         writers = {WEIGHTS_NAME: lambda path, t=tensors: write_safetensors(t, path, metadata={"format": "pt"}),
-                   CONFIG_NAME: text_writer(_config_json(config))}
+                   CONFIG_NAME: text_writer(config.to_json_file_text())}
         card = model_card(directory / CARD_NAME, config.base_model_name_or_path)
         if card is not None:
             writers[CARD_NAME] = text_writer(card)

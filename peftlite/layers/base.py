@@ -18,6 +18,7 @@ applies and the model's `fast` switch is on.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from .variants import Variant
 
 
-@dataclass
+@dataclass(eq=False)
 class AdapterState:
     """The per-model switchboard, shared by reference by every LoRA layer of one model.
 
@@ -51,7 +52,7 @@ class AdapterState:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
-@dataclass
+@dataclass(eq=False)
 class LoraAdapter:
     """One adapter on one layer: its fixed hyperparameters and the variant that computes it."""
 
@@ -85,6 +86,10 @@ class RecordView(MutableMapping):
 
     def __repr__(self) -> str:
         return repr(dict(self))
+
+
+def _parameters_of(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:
+    return [item] if isinstance(item, nn.Parameter) else list(item.parameters())
 
 
 class LoraLayer(nn.Module):
@@ -159,6 +164,7 @@ class LoraLayer(nn.Module):
 
         init=None leaves them uninitialised, for a loader that fills them right away.
         """
+        self.factor_shapes(record.r)  # raises for a base this layer kind cannot adapt, before any change
         weight = self.base_weight_reference()
         device = device if device is not None else weight.device
         dtype = dtype if dtype is not None else weight.dtype
@@ -176,6 +182,11 @@ class LoraLayer(nn.Module):
                 del container[name]
         if name in self.adapters:
             self.adapters.pop(name).variant.delete(self, name)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """Every parameter adapter `name` owns on this layer (A, B and any the variant adds)."""
+        return [param for container_name, container in self.named_children() if container_name != "base_layer"
+                and name in getattr(container, "keys", lambda: ())() for param in _parameters_of(container[name])]
 
     def running_adapters(self) -> list[str]:
         """The adapters whose term forward adds: active, on this layer, not merged, not disabled."""
@@ -219,10 +230,13 @@ class LoraLayer(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold each adapter's update into the base weight (default: the active ones not merged yet)."""
         names = self.active_adapters if adapter_names is None else [n for n in adapter_names if n in self.adapters]
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"adapters {already!r} are already merged; merging them again is skipped", stacklevel=2)
         weight = self.base_layer.weight
         with torch.no_grad():
             for name in names:
-                if name in self.merged_adapters:
+                if name in already:
                     continue
                 new = self.adapters[name].variant.merged_weight(self, name, weight)
                 if safe_merge and not torch.isfinite(new).all():

@@ -9,6 +9,7 @@ steps with the modules a file names, so a failed load changes no module.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,9 @@ def plan_layers(model: nn.Module, state: AdapterState, config: LoraConfig, paths
             layer = module
         else:
             layer = make_lora_layer(path, module, state, config.enable_lora)
+            if config.fan_in_fan_out and not getattr(layer, "fan_in_fan_out", True):
+                warnings.warn(f"fan_in_fan_out=True ignored for {path!r}, a {type(module).__name__} whose weight "
+                              "is out × in, as PEFT does", stacklevel=4)
         layer.factor_shapes(config.rank_for(path))
         layers.append((path, module, layer))
     return layers

@@ -108,6 +108,8 @@ class LoraTuner(nn.Module):
         if not adapter_names:
             raise ValueError("adapter_names is empty: expected one adapter name per sample")
         for name in adapter_names:
+            if not isinstance(name, str):
+                raise ValueError(f"adapter_names entry {name!r} is invalid: expected a string")
             if name != BASE_NAME:
                 self.check_adapter(name, what="in adapter_names")
         if self.model.training:
@@ -142,8 +144,9 @@ class LoraTuner(nn.Module):
     def check_adapter(self, adapter_name: object, what: str = "") -> str:
         """ValueError (as PEFT raises) for a name that is not loaded."""
         if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r}{' ' + what if what else ''} not found: loaded adapters "
-                             f"are {sorted(self.peft_config)}" + (f" (or {BASE_NAME!r} for none)" if what else ""))
+            raise ValueError(f"unknown adapter {adapter_name!r}{' ' + what if what else ''}: not found among the "
+                             f"loaded adapters {sorted(self.peft_config)}"
+                             + (f" (or {BASE_NAME!r} for none)" if what else ""))
         return adapter_name
 
     def check_new_adapter(self, adapter_name: object, config: object = None) -> None:
@@ -289,6 +292,8 @@ class LoraTuner(nn.Module):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Merge, then return the model with every LoRA module replaced by its (merged) base layer."""
+        if isinstance(progressbar, (list, tuple, str)):  # SPEC's merge_and_unload(adapter_names, safe_merge)
+            progressbar, adapter_names = False, progressbar
         with self.adapter_state.lock:
             names = self._names_or_active(adapter_names)
             merged = self.merged_adapters()
