@@ -1,24 +1,29 @@
 """Wrapping a model and loading an adapter: peftlite beside PEFT in one process.
 
-The model: a Llama-shaped causal LM (default 32 layers, d=2048, intermediate 5632, vocab 32000,
-about 1.3B parameters, fp32), built on the meta device and given uninitialised CPU storage with
-`to_empty` (the base values are garbage: nothing here reads them). LoRA r=16 on "all-linear".
+The model: a Llama-shaped causal LM (default 32 layers, d=2048, intermediate 5632, 16 heads,
+vocab 32000, untied embeddings: 1.78B parameters, fp32), built on the meta device and given
+uninitialised CPU storage with `to_empty` (the base values are garbage: nothing here reads
+them). LoRA r=16 on "all-linear".
 
 Rows, each on a fresh model (built outside the timing, freed after):
 1. wrap: `get_peft_model(model, LoraConfig(...))`, with and without `low_cpu_mem_usage=True`;
 2. load: `PeftModel.from_pretrained(model, adapter_dir)`, with and without `low_cpu_mem_usage=True`,
    of one adapter saved once by peftlite (PEFT reads it: it is PEFT's format);
-3. raw read: `safetensors.torch.load_file` of that adapter file, the floor for a load.
+3. floors: `safetensors.torch.load_file` of that adapter file ("raw read"); as it returns
+   tensors backed by a lazy mmap of the file, which touches none of the bytes, also load_file
+   followed by a sum of every tensor ("read + touch"), and, for a wrap, allocating and
+   initialising the adapter's tensors as LoRA does by default (uniform A, zero B: "init").
 Every repetition runs all rows, alternating which library goes first, after one untimed
 warm-up round. Figures are medians [min-max]; ratios are of the medians, with the median of the
 per-repetition ratios in parentheses. Goals: peftlite wrap / PEFT wrap <= 0.1, peftlite load /
-raw read <= 3.
+raw read <= 3. The other floors say how much of a row's time any library must spend touching
+fresh memory.
 
 Then, per library, `low_cpu_mem_usage=True` on a base left on the meta device: does wrapping
 and loading work, do the base weights stay on meta, and do the LoRA weights equal the file's.
 A call that raises is reported as "error: ..." and the script goes on.
 
-    .venv/bin/python benchmarks/wrap_and_load.py                                  # 1.3B, 5 reps
+    .venv/bin/python benchmarks/wrap_and_load.py                                  # full size, 5 reps
     .venv/bin/python benchmarks/wrap_and_load.py --layers 4 --hidden 512 --reps 2  # quick check
 """
 
@@ -86,8 +91,20 @@ def save_adapter(args, adapter_dir: Path) -> str:
     raise RuntimeError(f"no adapter could be saved: {failure}")
 
 
-def one_round(args, adapter_dir: Path, first: str, times: dict, errors: dict) -> None:
-    """Every row once per library (`first` leading), each on a fresh model, plus one raw read."""
+def floors(path: Path, shapes: dict[str, torch.Size]) -> dict:
+    def touch():
+        for tensor in load_file(path).values():
+            tensor.sum()
+
+    def init():
+        return [torch.empty(shape).uniform_(-0.1, 0.1) if "lora_A" in key else torch.empty(shape).zero_()
+                for key, shape in shapes.items()]
+
+    return {"raw read": lambda: load_file(path), "read + touch": touch, "init": init}
+
+
+def one_round(args, adapter_dir: Path, first: str, floor_fns: dict, times: dict, errors: dict) -> None:
+    """Every row once per library (`first` leading), each on a fresh model, then every floor once."""
     order = [first] + [name for name in LIBS if name != first]
     for row in ROWS:
         for name in order:
@@ -103,9 +120,10 @@ def one_round(args, adapter_dir: Path, first: str, times: dict, errors: dict) ->
                 errors[row, name], result = error(exc), None
             del model, result
             gc.collect()
-    start = time.perf_counter()
-    load_file(adapter_dir / FILE)
-    times["raw read", "-"].append(time.perf_counter() - start)
+    for floor, fn in floor_fns.items():
+        start = time.perf_counter()
+        fn()
+        times[floor, "-"].append(time.perf_counter() - start)
 
 
 def meta_check(lib, args, adapter_dir: Path, file: dict[str, torch.Tensor]) -> list[str]:
@@ -146,7 +164,7 @@ def ratio(mine: list[float], theirs: list[float]) -> str:
     if not mine or not theirs:
         return "-"
     paired = statistics.median(a / b for a, b in zip(mine, theirs))
-    return f"{statistics.median(mine) / statistics.median(theirs):.3f} ({paired:.3f})"
+    return f"{statistics.median(mine) / statistics.median(theirs):.3g} ({paired:.3g})"
 
 
 def main() -> None:
@@ -170,23 +188,29 @@ def main() -> None:
               f"{args.threads} threads")
 
         times: dict[tuple[str, str], list[float]] = {(row, name): [] for row in ROWS for name in LIBS}
-        times["raw read", "-"] = []
+        floor_fns = floors(adapter_dir / FILE, {key: tensor.shape for key, tensor in file.items()})
+        times |= {(floor, "-"): [] for floor in floor_fns}
         errors: dict[tuple[str, str], str] = {}
-        one_round(args, adapter_dir, "peftlite", {key: [] for key in times}, errors)  # warm-up
+        one_round(args, adapter_dir, "peftlite", floor_fns, {key: [] for key in times}, errors)  # warm-up
         for rep in range(args.reps):
-            one_round(args, adapter_dir, list(LIBS)[rep % 2], times, errors)
+            one_round(args, adapter_dir, list(LIBS)[rep % 2], floor_fns, times, errors)
 
-        raw = times["raw read", "-"]
         print(f"\nms, median [min-max] of {args.reps} reps; ratios of medians (median of per-rep ratios)")
-        print(f"  {'':24} {'peftlite':>22} {'PEFT':>22}   {'peftlite/PEFT':>15} {'peftlite/raw':>15} "
-              f"{'PEFT/raw':>15}")
+        print(f"  {'':24} {'peftlite':>22} {'PEFT':>22}   {'peftlite/PEFT':>16} {'peftlite/floor':>16} "
+              f"{'PEFT/floor':>16}  floor")
         for row in ROWS:
-            cells = {name: "error, see below" if (row, name) in errors else summary(times[row, name]) for name in LIBS}
             lite, theirs = times[row, "peftlite"], times[row, "PEFT"]
-            ratios = [ratio(lite, theirs), "", ""] if row.startswith("wrap") else ["", ratio(lite, raw), ratio(theirs, raw)]
-            print(f"  {row:24} {cells['peftlite']:>22} {cells['PEFT']:>22}   " + " ".join(f"{r:>15}" for r in ratios))
-        print(f"  {'raw read (load_file)':24} {summary(raw):>22}")
-        print("  goals: peftlite/PEFT <= 0.1 on wrap, peftlite/raw <= 3 on load")
+            cells = {name: "error, see below" if (row, name) in errors else summary(times[row, name]) for name in LIBS}
+            head = f"  {row:24} {cells['peftlite']:>22} {cells['PEFT']:>22}   {ratio(lite, theirs):>16}"
+            row_floors = ["init"] if row == "wrap" else [] if row.startswith("wrap") else ["raw read", "read + touch"]
+            tails = [f" {ratio(lite, times[floor, '-']):>16} {ratio(theirs, times[floor, '-']):>16}  {floor}"
+                     for floor in row_floors] or [""]
+            print(head + tails[0])
+            for tail in tails[1:]:
+                print(" " * len(head) + tail)
+        print("  floors: " + "; ".join(f"{floor} {summary(values).strip()}"
+                                       for (floor, name), values in times.items() if name == "-"))
+        print("  goals: peftlite/PEFT <= 0.1 on wrap, peftlite/raw read <= 3 on load")
         for (row, name), message in errors.items():
             print(f"  {name} {row}: {message}")
 

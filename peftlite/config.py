@@ -390,7 +390,7 @@ def read_json(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f, object_pairs_hook=_no_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
-        raise ValueError(f"{path}: not a valid JSON object ({err}); expected a PEFT adapter_config.json") from None
+        raise ValueError(f"{path}: not valid JSON ({err}); expected a PEFT adapter_config.json") from None
 
 
 def _pattern_value(patterns: dict, module_path: str, default: Any) -> Any:

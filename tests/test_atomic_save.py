@@ -203,7 +203,7 @@ def failing(stage: str, monkeypatch):
                 write(path)
                 raise KeyboardInterrupt  # not even an Exception: the cleanup must still run
             return write_then_interrupt
-        monkeypatch.setattr(files, "_text_writer", text_writer)
+        monkeypatch.setattr(files, "text_writer", text_writer)
 
 
 @pytest.mark.parametrize("stage,error", [("fsync", OSError), ("rename", OSError), ("config", KeyboardInterrupt)])

@@ -122,8 +122,8 @@ def test_load_options(tmp_path):
     model = get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"unknown load options \['revison'\]"):
         model.load_adapter(str(tmp_path), "a", revison="main")
-    with pytest.warns(UserWarning, match="low_cpu_mem_usage"):  # PEFT's, accepted for drop-in use
-        model.load_adapter(str(tmp_path), "a", low_cpu_mem_usage=True)
+    model.load_adapter(str(tmp_path), "a", low_cpu_mem_usage=True)  # PEFT's: factors made on meta, then filled
+    assert all(p.device.type == "cpu" for _, layer in model.lora_layers() for p in layer.adapter_parameters("a"))
     model.set_adapter("a")
     torch.testing.assert_close(logits(model), logits(saved), atol=1e-6, rtol=0)
 

@@ -213,7 +213,7 @@ def test_push_to_hub_uploads_one_commit(fake_hub, tmp_path):
     assert json.loads(files["adapter_config.json"])["peft_type"] == "LORA"
     assert "library_name: peft" in files["README.md"].decode()
     weights = load(files["adapter_model.safetensors"])
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert torch.equal(weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
                        layer.factors("default")[0].detach())
 

@@ -236,9 +236,9 @@ def test_training_lowers_the_loss_and_only_touches_trainable_weights(factory, ta
     if bias == "none":
         assert not biases
     elif bias == "lora_only":  # exactly the biases of the wrapped layers
-        assert biases == {f"base_model.{path}.base_layer.bias" for path, _ in lite.lora_layers()}
+        assert biases == {f"base_model.model.{path}.base_layer.bias" for path, _ in lite.lora_layers()}
     else:  # every bias of the model, LayerNorms included
-        assert biases == {f"base_model.{n}".replace(".c_attn.", ".c_attn.base_layer.")
+        assert biases == {f"base_model.model.{n}".replace(".c_attn.", ".c_attn.base_layer.")
                           for n, _ in factory().named_parameters() if n.endswith("bias")}
     ids = torch.tensor([[5, 9, 17] * 4] * 4)  # a repeating pattern a few steps can start to learn
     losses = train_steps(lite, lambda m: m(input_ids=ids, labels=ids).loss)

@@ -26,7 +26,8 @@ from peftlite import fast
 from peftlite import functional as LF
 from peftlite.fast import linear as fast_linear
 from peftlite.fast import masks
-from peftlite.layers import Conv2d, Embedding, LoraLayer, MergedLinear
+from peftlite.layers import AdapterState, Conv2d, Embedding, Linear, LoraAdapter, LoraLayer, MergedLinear
+from peftlite.variants.lora import PLAIN_LORA
 from tiny_models import (LLAMA_TARGETS, ConvNet, copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_llama,
                          token_batch)
 
@@ -42,24 +43,29 @@ class PlainLora(nn.Module):
     def __init__(self, layer: LoraLayer) -> None:
         super().__init__()
         self.base_layer = layer.base_layer
-        self.adapters = layer.adapters
+        for name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            setattr(self, name, getattr(layer, name))
         self.layer = [layer]  # kept out of the module tree: only its kind and shapes are read
         self.train(layer.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer, adapter = self.layer[0], self.adapters["default"]
-        A, B, s = adapter.lora_A, adapter.lora_B, adapter.scaling
-        p = adapter.dropout if self.training else 0.0
+        layer = self.layer[0]
+        (A, B), s = layer.factors("default"), layer.scaling["default"]
+        dropout = layer.lora_dropout["default"]
+        p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
         base = self.base_layer(x)
         if isinstance(layer, Embedding):  # PEFT applies no dropout to embeddings
             return base + F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) @ B.T * s
-        dropped = x * masks.draw_dropout_mask(x, p) / (1 - p) if p > 0 else x
+        if p > 0 and layer.state.fast:  # the fused path draws its masks from peftlite.fast.masks
+            dropped = x * masks.draw_dropout_mask(x, p) / (1 - p)
+        else:  # the reference path is torch's own dropout
+            dropped = F.dropout(x, p, training=p > 0)
         if isinstance(layer, Conv2d):
             conv = self.base_layer
             after_A = F.conv2d(dropped, A, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
             return base + F.conv2d(after_A, B) * s
         if isinstance(layer, MergedLinear):  # each enabled slice k: B_k(A_k(x)) into its own columns
-            r, parts = adapter.r, []
+            r, parts = layer.r["default"], []
             width = layer.out_features // len(layer.enable_lora)
             k = 0
             for on in layer.enable_lora:
@@ -375,7 +381,8 @@ def test_half_precision_base_with_fp32_adapters_casts():
     _, lite, loss_fn, _ = make_lite("Linear", 0.0)
     lite.base_model.to(torch.bfloat16)
     for _, layer in lite.lora_layers():
-        layer.adapters.float()
+        layer.lora_A.float()
+        layer.lora_B.float()
     loss, grads = loss_and_grads(lite.get_base_model(), loss_fn)
     assert torch.isfinite(loss)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
@@ -386,16 +393,15 @@ def test_half_precision_base_with_fp32_adapters_casts():
 
 def test_dropout_compiles_into_one_graph():
     """Under torch.compile the mask comes from torch's generator: no graph break, training works."""
-    from peftlite.layers import AdapterState, Linear
     layer = Linear(nn.Linear(16, 8), AdapterState())
-    layer.add_adapter("default", 4, 2.0, 0.5, False, False)
-    layer.state.active = "default"
+    layer.add_adapter("default", LoraAdapter(4, 8.0, 2.0, PLAIN_LORA), 0.5, False)
+    layer.state.active = ("default",)
     layer.train()
     x = torch.randn(6, 16)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # a graph break would raise
     out = compiled(x)
     out.square().sum().backward()
-    adapter = layer.adapters["default"]
-    without_dropout = layer.base_layer(x) + x @ adapter.lora_A.T @ adapter.lora_B.T * 2.0
+    lora_A, lora_B = layer.factors("default")
+    without_dropout = layer.base_layer(x) + x @ lora_A.T @ lora_B.T * 2.0
     assert not torch.allclose(out, without_dropout)  # dropout did drop
-    assert torch.isfinite(adapter.lora_A.grad).all() and adapter.lora_A.grad.abs().sum() > 0
+    assert torch.isfinite(lora_A.grad).all() and lora_A.grad.abs().sum() > 0

@@ -51,6 +51,13 @@ class AdapterState:
     fast: bool = True
     lock: threading.RLock = field(default_factory=threading.RLock)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (deepcopy, pickle) gets a lock of its own and no running calls."""
+        return {**self.__dict__, "lock": None, "mixed_calls": []}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, lock=threading.RLock())
+
 
 @dataclass(eq=False)
 class LoraAdapter:
