@@ -133,6 +133,7 @@ def _check_pattern_key(field_name: str, key: object) -> None:
     if _PLAIN_KEY.fullmatch(key):
         return
     try:
+        re.compile(_pattern_regex(key))  # the form it is matched in: an inline flag must come first there too
         parsed = _sre_parse.parse(key)
     except re.error as err:
         raise ValueError(f"{field_name} key {key!r} is not a valid regex: {err}") from None
@@ -322,6 +323,10 @@ class LoraConfig:
         rank groups·r, and alpha scaled to keep s (groups·alpha, sqrt(groups)·alpha with rsLoRA).
         """
         data = self.to_dict()
+        data.pop("runtime_config")  # PEFT does not write it either
+        for name, default in (("merge_weights", False), ("enable_lora", None)):  # peftlite's own, when set
+            if data[name] == default:
+                del data[name]
         rank_factor, alpha_factor = _fused_factors(self.enable_lora, self.use_rslora)
         if rank_factor > 1:
             data["r"] = self.r * rank_factor
@@ -393,12 +398,17 @@ def read_json(path: str) -> Any:
         raise ValueError(f"{path}: not valid JSON ({err}); expected a PEFT adapter_config.json") from None
 
 
+def _pattern_regex(key: str) -> str:
+    """PEFT's reading of a pattern key: the key matches the whole path or a dotted suffix of it."""
+    return rf"(?:.*\.)?(?:{key})$"
+
+
 def _pattern_value(patterns: dict, module_path: str, default: Any) -> Any:
     """The value of the first key matching `module_path` as PEFT matches it (a path suffix)."""
     for key, value in patterns.items():
         if _PLAIN_KEY.fullmatch(key):
             if module_path == key or module_path.endswith("." + key):
                 return value
-        elif re.match(rf"(?:.*\.)?(?:{key})$", module_path):
+        elif re.match(_pattern_regex(key), module_path):
             return value
     return default

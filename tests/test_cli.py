@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from peftlite import LoraModel
 from peftlite.app import training
+from peftlite.app import cli
 from peftlite.app.cli import describe_adapter, main
 from tiny_models import tiny_bert, tiny_gpt2, tiny_word_tokenizer
 
@@ -309,9 +310,7 @@ def test_push_uploads_the_adapter_files_in_one_commit(work, trained, monkeypatch
 
 
 def test_demo_prints_what_peftlite_demo_run_returns(monkeypatch, capsys):
-    fake = type(sys)("peftlite.app.demo")
-    fake.run = lambda: {"accuracy_before": 0.5, "accuracy_after": 0.9}
-    monkeypatch.setitem(sys.modules, "peftlite.app.demo", fake)
+    monkeypatch.setattr(cli, "run_demo", lambda: {"accuracy_before": 0.5, "accuracy_after": 0.9})
     assert main(["demo"]) == 0
     assert json.loads(capsys.readouterr().out) == {"accuracy_before": 0.5, "accuracy_after": 0.9}
 

@@ -58,8 +58,8 @@ def logits(output) -> torch.Tensor:
 # ---- config values, applied with add_adapter --------------------------------------------------
 # (LoraConfig kwargs, text the message must contain: the offending value and what was expected)
 BAD_CONFIGS = [
-    (dict(r=0), ["r=0", ">= 1"]),
-    (dict(r=-2), ["r=-2", ">= 1"]),
+    (dict(r=0), ["r=0", "from 1 to"]),
+    (dict(r=-2), ["r=-2", "from 1 to"]),
     (dict(r=1.5), ["r=1.5", "integer"]),
     (dict(r="8"), ["r='8'", "integer"]),
     (dict(r=True), ["r=True", "integer"]),
@@ -79,8 +79,8 @@ BAD_CONFIGS = [
     (dict(target_modules={"lin0", 3}), ["3", "module name"]),
     (dict(target_modules="lin[0"), ["'lin[0'", "regex"]),
     (dict(exclude_modules="(?i)x|(?i)y"), ["'(?i)x|(?i)y'", "regex"]),
-    (dict(rank_pattern={"lin0": 0}), ["rank_pattern['lin0']=0", ">= 1"]),
-    (dict(rank_pattern={"lin0": 2.5}), ["rank_pattern['lin0']=2.5", ">= 1"]),
+    (dict(rank_pattern={"lin0": 0}), ["rank_pattern['lin0']=0", "from 1 to"]),
+    (dict(rank_pattern={"lin0": 2.5}), ["rank_pattern['lin0']=2.5", "from 1 to"]),
     (dict(rank_pattern={"(?i)lin0": 2}), ["'(?i)lin0'", "regex"]),
     (dict(rank_pattern={"lin(": 2}), ["'lin('", "regex"]),
     (dict(alpha_pattern={"lin0": -1}), ["alpha_pattern['lin0']=-1", "> 0"]),
@@ -92,7 +92,7 @@ BAD_CONFIGS = [
     (dict(modules_to_save=5), ["modules_to_save=5", "list of module names"]),
     (dict(modules_to_save="head"), ["modules_to_save='head'", "list of module names"]),
     (dict(fan_in_fan_out="yes"), ["fan_in_fan_out='yes'", "True or False"]),
-    (dict(task_type=3), ["task_type=3", "string"]),
+    (dict(task_type=3), ["task_type=3", "CAUSAL_LM"]),
 ]
 
 
@@ -120,9 +120,8 @@ BAD_FOR_THIS_MODEL = [
     (dict(target_modules=["nope"]), ["['nope']", "matched no module", "lin0"]),
     (dict(target_modules=r"lin\d+x"), ["'lin\\\\d+x'", "matched no module"]),
     (dict(target_modules=["lin0"], exclude_modules=["lin0"]), ["exclude_modules=['lin0']", "matched no module"]),
-    (dict(target_modules=["relu"]), ["['relu']", "matched no module"]),
+    (dict(target_modules=["relu"]), ["'relu'", "ReLU", "cannot take LoRA"]),
     (dict(target_modules=["lin0"], layers_to_transform=[0]), ["layers_to_transform=[0]", "matched no module"]),
-    (dict(target_modules=["lin1"], modules_to_save=["classifier"]), ["['classifier']", "match no module"]),
     (dict(target_modules=["head"], modules_to_save=["head"]), ["['head']", "modules_to_save"]),
     # lin0 already carries LoRA: it cannot also be trained in full
     (dict(target_modules=["lin1"], modules_to_save=["lin0"]), ["'lin0'", "already has LoRA"]),
@@ -223,9 +222,9 @@ def test_unknown_adapter_name_is_a_key_error_that_changes_nothing(method, name):
 
 
 @pytest.mark.parametrize("name", [["other"], 3, None, ("other",)], ids=repr)
-def test_adapter_name_of_the_wrong_type_is_a_key_error(name):
-    for call in (lambda m: m.set_adapter(name), lambda m: m.delete_adapter(name)):
-        assert_fails_unchanged(two_adapter_mlp(), call, ValueError, repr(name))
+def test_adapter_name_of_the_wrong_type_is_a_value_error(name):
+    """A list names several adapters for set_adapter (as PEFT's); delete_adapter takes one name."""
+    assert_fails_unchanged(two_adapter_mlp(), lambda m: m.delete_adapter(name), ValueError, repr(name))
 
 
 @pytest.mark.parametrize("names,words", [
@@ -234,7 +233,7 @@ def test_adapter_name_of_the_wrong_type_is_a_key_error(name):
     (["other", "other"], ["adapter_names=['other', 'other']", "at most once"]),
 ], ids=repr)
 def test_merge_adapter_names_of_the_wrong_shape(names, words):
-    for call in (lambda m: m.merge_adapter(names), lambda m: m.merge_and_unload(names)):
+    for call in (lambda m: m.merge_adapter(names), lambda m: m.merge_and_unload(adapter_names=names)):
         assert_fails_unchanged(two_adapter_mlp(), call, ValueError, *words)
 
 
@@ -245,14 +244,24 @@ def test_merge_with_no_active_adapter():
 
 
 # ---- merging -----------------------------------------------------------------------------------
-def test_merging_an_already_merged_adapter_changes_nothing():
+def test_merging_an_already_merged_adapter_warns_and_changes_nothing():
+    """As PEFT: merging a merged adapter again is skipped with a warning, not an error."""
     model = two_adapter_mlp()
     model.merge_adapter(["default"])
-    assert_fails_unchanged(model, lambda m: m.merge_adapter(), ValueError, "['default']", "already merged")
-    assert_fails_unchanged(model, lambda m: m.merge_adapter(["other", "default"]), ValueError,
-                           "['default']", "already merged")
     layer = model.base_model.lin0
-    assert_fails_unchanged(model, lambda m: layer.merge("default"), ValueError, "'default'", "already merged")
+    for call in (lambda: model.merge_adapter(), lambda: layer.merge(adapter_names=["default"])):
+        before = model_fingerprint(model)
+        with pytest.warns(UserWarning, match=r"\['default'\] are already merged"):
+            call()
+        assert_same_fingerprint(before, model_fingerprint(model))
+
+
+def test_modules_to_save_that_match_nothing_are_skipped_with_a_warning():
+    """PEFT skips them (its SEQ_CLS default lists both "classifier" and "score"); peftlite says so."""
+    model = two_adapter_mlp()
+    with pytest.warns(UserWarning, match="'classifier'.*match no module"):
+        model.add_adapter("new", LoraConfig(target_modules=["lin1"], modules_to_save=["classifier"]))
+    assert "new" in model.peft_config and not model.saved_modules()
 
 
 def test_merge_and_unload_of_a_merged_adapter_merges_it_once():
@@ -503,13 +512,14 @@ def test_an_allocation_failure_midway_is_undone(monkeypatch, where, number):
     import peftlite.layers as layers
     cls = getattr(layers, where.split(".")[0])
     real = cls.add_adapter
-    config = LoraConfig(target_modules=["lin0", "lin1", "head"], bias="all", modules_to_save=["relu"])
-    # lin0 and lin1 already carry LoRA; head and relu get new wrappers; every bias becomes trainable.
+    config = LoraConfig(target_modules=["lin0", "lin1", "head"], modules_to_save=["relu"])
+    # lin0 and lin1 already carry LoRA; head and relu get new wrappers.
     model = two_adapter_mlp()
     monkeypatch.setattr(cls, "add_adapter", fail_on_call(number, real))
     assert_fails_unchanged(model, lambda m: m.add_adapter("new", config), RuntimeError, "out of memory")
-    # The first adapter too: the frozen model's requires_grad flags come back.
+    # The first adapter too, training every bias: the frozen model's requires_grad flags come back.
     monkeypatch.setattr(cls, "add_adapter", fail_on_call(number, real))
+    config = LoraConfig(target_modules=["lin0", "lin1", "head"], bias="all", modules_to_save=["relu"])
     assert_fails_unchanged(MLP(), lambda m: get_lora_model(m, config), RuntimeError, "out of memory")
 
 

@@ -31,10 +31,11 @@ class Conv(LoraLayer):
 
     def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         base = self.base_layer
-        self.lora_A[name] = self.conv_type(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                           base.dilation, bias=False, padding_mode=base.padding_mode,
-                                           dtype=dtype, device=device)
-        self.lora_B[name] = self.conv_type(r, base.out_channels, 1, bias=False, dtype=dtype, device=device)
+        self.lora_A[name] = nn.utils.skip_init(self.conv_type, base.in_channels, r, base.kernel_size, base.stride,
+                                               base.padding, base.dilation, bias=False,
+                                               padding_mode=base.padding_mode, dtype=dtype, device=device)
+        self.lora_B[name] = nn.utils.skip_init(self.conv_type, r, base.out_channels, 1, bias=False, dtype=dtype,
+                                               device=device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
         LF.init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, init)

@@ -37,8 +37,9 @@ class Linear(LoraLayer):
 
     def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         (rank_A, in_A), (out_B, rank_B) = self.factor_shapes(r)
-        self.lora_A[name] = nn.Linear(in_A, rank_A, bias=False, dtype=dtype, device=device)
-        self.lora_B[name] = nn.Linear(rank_B, out_B, bias=False, dtype=dtype, device=device)
+        # skip_init: allocated, not initialised (init_factors or a loader writes them next)
+        self.lora_A[name] = nn.utils.skip_init(nn.Linear, in_A, rank_A, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.utils.skip_init(nn.Linear, rank_B, out_B, bias=False, dtype=dtype, device=device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
         LF.init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, init)

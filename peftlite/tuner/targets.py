@@ -9,6 +9,7 @@ Linear/Conv1D except the output head; None uses a per-architecture default.
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
@@ -164,4 +165,8 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
                 raise ValueError(f"modules_to_save entry {path!r} is a {type(module).__name__}, which has no "
                                  "forward to wrap: expected a module such as a Linear head")
             found.append(path)
+    missing = [name for name in config.modules_to_save or [] if not any(matches(p, [name]) for p in found)]
+    if missing:
+        warnings.warn(f"modules_to_save entries {missing!r} match no module of the model; skipped, as PEFT "
+                      "does", stacklevel=4)
     return found
