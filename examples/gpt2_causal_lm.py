@@ -19,8 +19,8 @@ import copy
 import csv
 import math
 import re
-from collections import Counter
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch

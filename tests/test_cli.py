@@ -22,13 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_bert, tiny_gpt2, tiny_word_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from peftlite import LoraModel
-from peftlite.app import training
-from peftlite.app import cli
+from peftlite.app import cli, training
 from peftlite.app.cli import describe_adapter, main
-from tiny_models import tiny_bert, tiny_gpt2, tiny_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Module fixtures train once; with `pytest -n 2 --dist loadgroup` this file stays on one worker.

@@ -8,10 +8,19 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from tiny_models import (
+    LLAMA_TARGETS,
+    MLP,
+    ConvNet,
+    copy_lora_to_peft,
+    one_torch_thread,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+)
 
 from peftlite import LoraConfig, get_lora_model
-from tiny_models import (LLAMA_TARGETS, MLP, ConvNet, copy_lora_to_peft, one_torch_thread, tiny_bert, tiny_gpt2,
-                         tiny_llama, token_batch)
 
 
 @pytest.fixture(autouse=True, scope="module")

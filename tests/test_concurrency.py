@@ -12,9 +12,9 @@ from __future__ import annotations
 import threading
 
 import torch
+from tiny_models import tiny_bert, tiny_llama, token_batch
 
 from peftlite import LoraConfig, get_lora_model
-from tiny_models import tiny_bert, tiny_llama, token_batch
 
 ADAPTERS = ("a", "b", "c")
 CALLS_PER_THREAD = 15

@@ -12,10 +12,10 @@ import csv
 import json
 
 import pytest
+from tiny_models import one_torch_thread
 
 from peftlite import LoraConfig
 from peftlite.app import demo
-from tiny_models import one_torch_thread
 
 
 @pytest.fixture(autouse=True)

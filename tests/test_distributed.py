@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_bert, tiny_word_tokenizer
 from transformers import AutoModelForSequenceClassification
 
 from peftlite import LoraModel
-from tiny_models import tiny_bert, tiny_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Module fixtures train once; with `pytest -n 2 --dist loadgroup` this file stays on one worker.

@@ -14,6 +14,7 @@ import loralib
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import one_torch_thread
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -21,7 +22,6 @@ from peftlite import functional as LF
 from peftlite.fast import masks
 from peftlite.layers import AdapterState, Conv2d, Embedding, Linear, LoraAdapter, MergedLinear, make_lora_layer
 from peftlite.variants.lora import PLAIN_LORA
-from tiny_models import one_torch_thread
 
 ATOL = 1e-5
 

@@ -22,11 +22,11 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from tiny_models import copy_lora_to_peft
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 from peftlite import LoraConfig, get_lora_model
 from peftlite.integrations import LoraTrainer
-from tiny_models import copy_lora_to_peft
 
 DATA = Path(__file__).parent / "data"
 TRAIN_SIZE, TEST_SIZE, MAX_LENGTH = 256, 200, 32

@@ -15,12 +15,22 @@ import warnings
 import peft
 import pytest
 import torch
+from tiny_models import (
+    LLAMA_TARGETS,
+    MLP,
+    ConvNet,
+    copy_lora_to_peft,
+    one_torch_thread,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_vit,
+    token_batch,
+)
 from torch import nn
 
 from peftlite import LoraConfig, get_lora_model
 from peftlite.layers import LoraLayer, ModulesToSave
-from tiny_models import (LLAMA_TARGETS, MLP, ConvNet, copy_lora_to_peft, one_torch_thread, tiny_bert, tiny_gpt2,
-                         tiny_llama, tiny_vit, token_batch)
 
 ATOL = 1e-5
 

@@ -15,13 +15,21 @@ import dataclasses
 import peft
 import pytest
 import torch
+from test_model import ATOL, CASES, ids_input, lora_paths, make_pair, run, trainable_names
+from tiny_models import (
+    LLAMA_TARGETS,
+    MLP,
+    copy_lora_to_peft,
+    one_torch_thread,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+)
 from torch import nn
 
 from peftlite import LoraConfig, LoraModel, get_lora_model
 from peftlite.layers import LoraLayer, ModulesToSave
-from test_model import ATOL, CASES, ids_input, lora_paths, make_pair, run, trainable_names
-from tiny_models import (LLAMA_TARGETS, MLP, copy_lora_to_peft, one_torch_thread, tiny_bert, tiny_gpt2, tiny_llama,
-                         token_batch)
 
 
 @pytest.fixture(autouse=True)

@@ -17,12 +17,22 @@ import weakref
 import peft
 import pytest
 import torch
+from tiny_models import (
+    LLAMA_TARGETS,
+    MLP,
+    ConvNet,
+    copy_lora_to_peft,
+    one_torch_thread,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+)
 from torch import nn
 
 from peftlite import LoraConfig, get_lora_model
 from peftlite.layers import active_routing
-from tiny_models import (LLAMA_TARGETS, MLP, ConvNet, copy_lora_to_peft, one_torch_thread, tiny_bert, tiny_gpt2,
-                         tiny_llama, token_batch)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import (
+    MLP,
+    ConvNet,
+    assert_same_fingerprint,
+    model_fingerprint,
+    one_torch_thread,
+    tiny_gpt2,
+    token_batch,
+)
 
 from peftlite import LoraConfig, get_lora_model
-from tiny_models import (ConvNet, MLP, assert_same_fingerprint, model_fingerprint, one_torch_thread, tiny_gpt2,
-                         token_batch)
 
 CYCLES = 1000
 MAX_DRIFT = 1e-5

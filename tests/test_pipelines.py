@@ -13,10 +13,10 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from tiny_models import copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_word_tokenizer
 from transformers import pipeline
 
 from peftlite import LoraConfig, get_lora_model
-from tiny_models import copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_word_tokenizer
 
 WORDS = ("the a market team game stocks rise fall win lose new phone chip war peace talks "
          "league season bank rates profit space probe launch vote minister cup").split()

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import tiny_bert, tiny_gpt2, token_batch
 from transformers import TrainingArguments
 
 from peftlite import LoraConfig, LoraModel, get_lora_model
 from peftlite.integrations import LoraTrainer
-from tiny_models import tiny_bert, tiny_gpt2, token_batch
 
 
 def lora_weights(model: LoraModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -19,17 +19,14 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import LLAMA_TARGETS, ConvNet, copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
-from peftlite import LoraConfig, get_lora_model
-from peftlite import fast
-from peftlite import functional as LF
+from peftlite import LoraConfig, fast, get_lora_model
 from peftlite.fast import linear as fast_linear
 from peftlite.fast import masks
 from peftlite.layers import AdapterState, Conv2d, Embedding, Linear, LoraAdapter, LoraLayer, MergedLinear
 from peftlite.variants.lora import PLAIN_LORA
-from tiny_models import (LLAMA_TARGETS, ConvNet, copy_lora_to_peft, tiny_bert, tiny_gpt2, tiny_llama,
-                         token_batch)
 
 TOL = 1e-5
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]

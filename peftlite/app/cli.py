@@ -19,11 +19,9 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from .training import TASK_TYPES, has_tokenizer
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 import torch
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
@@ -37,6 +35,9 @@ from ..peft_model import LoraModel, get_lora_model
 from ..storage.hub import push_directory
 from . import training
 from .demo import run as run_demo
+from .training import TASK_TYPES, has_tokenizer
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class UsageError(ValueError):

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from ..config import LoraConfig
 from ..layers import LoraLayer, ModulesToSave
@@ -50,8 +52,6 @@ TEMPLATES = [  # (text, negated)
     ("I would never call this {s} {a}.", True),
 ]
 LABELS = ("negative", "positive")  # label ids 0 and 1
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 
 def sentiment_examples(seed: int = 0) -> list[tuple[str, int]]:

@@ -26,24 +26,24 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
-DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType
+from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
+
+TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
 
 
 # ---- data --------------------------------------------------------------------

@@ -20,7 +20,8 @@ def draw_dropout_mask(x: Tensor, p: float) -> Tensor:
     probability 1 - p, p taken to the nearest multiple of 2⁻¹⁶ (0.1 becomes 0.100006). On CPU
     the integers come from numpy's SFC64 generator, seeded by one draw from torch's default
     generator, because torch's own CPU generator makes one draw at a time through MT19937,
-    which is slow next to a training step (benchmarks/train_step.py). So `torch.manual_seed` fixes the mask and checkpointing's RNG restore
+    which is slow next to a training step (benchmarks/train_step.py). So `torch.manual_seed`
+    fixes the mask and checkpointing's RNG restore
     replays it, but the bits differ from `nn.Dropout`'s for the same seed (and, under
     torch.compile, which draws from torch's generator, from eager mode's).
     """

@@ -23,8 +23,8 @@ enabled slices and zero on the disabled ones (see `fused_to_file`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

@@ -104,6 +104,7 @@ class LoraLayer(nn.Module):
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    base_layer: Any  # any module of a kind in layers.LORA_CLASSES; its attributes are that kind's
 
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__()

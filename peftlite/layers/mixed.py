@@ -27,7 +27,8 @@ or tokens flattened to (B·T, d)), so sample b owns rows b·m … b·m + m − 1
 from __future__ import annotations
 
 import contextvars
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from .base import AdapterState, LoraLayer
     from .modules_to_save import ModulesToSave
 
-Rows = Union[slice, Tensor]  # a run of consecutive rows, or the row indices of scattered samples
+Rows = slice | Tensor  # a run of consecutive rows, or the row indices of scattered samples
 
 
 class Routing:
@@ -84,7 +85,7 @@ def _group_rows(names: tuple[str, ...], rows: int, device: torch.device) -> list
 
 
 # One variable for every model: {AdapterState: Routing}. Values are never mutated, only replaced.
-ROUTING: contextvars.ContextVar[dict] = contextvars.ContextVar("peftlite_routing", default={})
+ROUTING: contextvars.ContextVar[dict] = contextvars.ContextVar("peftlite_routing", default={})  # noqa: B039
 
 
 def active_routing(state: "AdapterState") -> Routing | None:
@@ -146,7 +147,8 @@ def _stacked_linear_terms(layer: "LoraLayer", routing: Routing, x: Tensor, resul
     if any(s != alpha for s in scalings):  # per-sample scaling on the small (B, L, r) term
         after_A.mul_(torch.tensor(scalings, dtype=after_A.dtype, device=after_A.device).view(batch, 1, 1))
         alpha = 1.0
-    result.view(batch, -1, result.shape[-1]).baddbmm_(after_A, lora_B.mT, alpha=alpha)  # (B, L, out) += (B, L, r) @ (B, r, out)
+    # (B, L, out) += (B, L, r) @ (B, r, out)
+    result.view(batch, -1, result.shape[-1]).baddbmm_(after_A, lora_B.mT, alpha=alpha)
     return True
 
 

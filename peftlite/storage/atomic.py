@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
