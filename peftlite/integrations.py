@@ -64,12 +64,12 @@ class LoraTrainer(Trainer):
         # Dataset columns are kept when the *base* model's forward takes them.
         if self._signature_columns is None:
             columns = inspect.signature(self.lora_model.get_base_model().forward).parameters
-            self._signature_columns = list(columns) + sorted({"label", "label_ids", *self.label_names})
+            self._signature_columns = list(columns) + sorted({"label", "label_ids", *self.label_names})  # type: ignore[assignment]
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write an adapter directory (plus tokenizer and training args, as Trainer does)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
+        if not self.args.should_save or output_dir is None:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.lora_model.save_pretrained(output_dir)
@@ -90,4 +90,5 @@ class LoraTrainer(Trainer):
             lora_model.hotswap_adapter(directory, name)
 
     def _load_best_model(self) -> None:
-        self._load_from_checkpoint(self.state.best_model_checkpoint)
+        if self.state.best_model_checkpoint is not None:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -1,7 +1,7 @@
 """Suite-wide settings: run with `python -m pytest -q -n 2 tests` (see README).
 
-Each xdist worker gets one torch thread: with two workers on two cores, a
-second thread per worker only adds waiting for thousands of tiny ops.
+Each xdist worker uses one torch thread: with two workers on two cores, a second
+thread per worker only adds waiting for thousands of tiny ops.
 """
 
 import torch

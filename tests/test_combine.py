@@ -13,7 +13,6 @@ from tiny_models import (
     MLP,
     ConvNet,
     copy_lora_to_peft,
-    one_torch_thread,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -21,12 +20,6 @@ from tiny_models import (
 )
 
 from peftlite import LoraConfig, get_lora_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with one_torch_thread():
-        yield
 
 
 def token_inputs() -> tuple[torch.Tensor, ...]:

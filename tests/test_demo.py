@@ -12,17 +12,9 @@ import csv
 import json
 
 import pytest
-from tiny_models import one_torch_thread
 
 from peftlite import LoraConfig
 from peftlite.app import demo
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: torch's thread pool only adds waiting on a shared 2-core machine."""
-    with one_torch_thread():
-        yield
 
 
 def test_every_sentence_is_labelled_by_its_adjective_and_negation():

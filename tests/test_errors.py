@@ -18,17 +18,12 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import MLP, assert_same_fingerprint, model_fingerprint, one_torch_thread, tiny_gpt2, token_batch
+from tiny_models import MLP, assert_same_fingerprint, model_fingerprint, tiny_gpt2, token_batch
 
 from peftlite import LoraConfig, LoraModel, get_lora_model
 
 X = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with one_torch_thread():
-        yield
 
 
 def two_adapter_mlp():

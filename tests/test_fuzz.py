@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from tiny_models import MLP, ConvNet, assert_same_fingerprint, model_fingerprint, one_torch_thread
+from tiny_models import MLP, ConvNet, assert_same_fingerprint, model_fingerprint
 
 from peftlite import LoraConfig, get_lora_model
 
@@ -63,11 +63,6 @@ adapter_names = st.one_of(st.sampled_from(["default", "new", "__base__", "a-1_B"
                           st.text(max_size=6), JUNK)
 MODELS = {"mlp": MLP, "convnet": ConvNet}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with one_torch_thread():
-        yield
 
 
 def inputs_for(model_kind: str):

@@ -14,7 +14,6 @@ import loralib
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import one_torch_thread
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -25,12 +24,6 @@ from peftlite.variants.lora import PLAIN_LORA
 
 ATOL = 1e-5
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: torch's thread pool only adds waiting on a shared 2-core machine."""
-    with one_torch_thread():
-        yield
 
 
 def seeded(seed: int = 0) -> torch.Generator:

@@ -20,7 +20,6 @@ from tiny_models import (
     MLP,
     ConvNet,
     copy_lora_to_peft,
-    one_torch_thread,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -34,12 +33,6 @@ from peftlite.layers import LoraLayer, ModulesToSave
 
 ATOL = 1e-5
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: torch's thread pool only adds waiting on a shared 2-core machine."""
-    with one_torch_thread():
-        yield
 
 
 def ids_input() -> dict:

@@ -20,7 +20,6 @@ from tiny_models import (
     LLAMA_TARGETS,
     MLP,
     copy_lora_to_peft,
-    one_torch_thread,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -30,14 +29,6 @@ from torch import nn
 
 from peftlite import LoraConfig, LoraModel, get_lora_model
 from peftlite.layers import LoraLayer, ModulesToSave
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: torch's thread pool only adds waiting on a shared 2-core machine."""
-    with one_torch_thread():
-        yield
-
 
 # ---- merging -------------------------------------------------------------------
 MERGE_CASES = [c for c in CASES if c[0] in ("gpt2-conv1d", "llama-7-targets-patterns", "bert-seq-cls",
@@ -193,7 +184,7 @@ def test_getattr_forwards_to_the_wrapped_model():
     assert lite.get_input_embeddings() is model.get_input_embeddings()
     assert lite.transformer is model.transformer
     with pytest.raises(AttributeError, match="no_such_attribute"):
-        lite.no_such_attribute
+        lite.no_such_attribute  # noqa: B018
 
 
 def test_generate_matches_peft_and_the_base_when_disabled():

@@ -22,7 +22,6 @@ from tiny_models import (
     MLP,
     ConvNet,
     copy_lora_to_peft,
-    one_torch_thread,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -32,13 +31,6 @@ from torch import nn
 
 from peftlite import LoraConfig, get_lora_model
 from peftlite.layers import active_routing
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with one_torch_thread():
-        yield
-
 
 NAMES = ["a", "b", "__base__", "a", "c"]  # "a" twice and apart: the scattered-rows path too
 ATOL = 1e-5

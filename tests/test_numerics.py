@@ -20,7 +20,6 @@ from tiny_models import (
     ConvNet,
     assert_same_fingerprint,
     model_fingerprint,
-    one_torch_thread,
     tiny_gpt2,
     token_batch,
 )
@@ -50,14 +49,8 @@ def output(model, inputs):
     return getattr(out, "logits", out)
 
 
-@pytest.fixture
-def one_thread():
-    with one_torch_thread():
-        yield
-
-
 @pytest.mark.parametrize("name,make,kwargs,inputs", CASES, ids=[c[0] for c in CASES])
-def test_a_thousand_merge_unmerge_cycles_do_not_drift(name, make, kwargs, inputs, one_thread):
+def test_a_thousand_merge_unmerge_cycles_do_not_drift(name, make, kwargs, inputs):
     # Large non-zero updates (|ΔW| up to ~10, far above the ~0.1 weights) make rounding show.
     model = get_lora_model(make(), LoraConfig(init_lora_weights=False, lora_alpha=32, **kwargs))
     inputs = inputs()

@@ -194,7 +194,7 @@ def test_ddp_on_two_cpu_processes_trains_the_same_adapter_as_one_process(tmp_pat
     tests_dir = Path(__file__).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent), os.environ.get("PYTHONPATH", "")])}
-    for command, output in ((["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    for command, _output in ((["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               str(worker), str(tmp_path / "two"), "2"], "two"),
                             ([str(worker), str(tmp_path / "one"), "4"], "one")):
         done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=300)

@@ -302,7 +302,7 @@ def test_folded_and_unfolded_routes_choose_by_cost_and_agree():
         results.append((out, A.grad, B.grad))
         A.grad = B.grad = None
     expected = F.linear(x, weight, bias) + x @ A.T @ B.T * 0.5
-    for out, grad_A, grad_B in results:
+    for out, _, _ in results:
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=TOL)
     torch.testing.assert_close(results[0][1:], results[1][1:], rtol=1e-5, atol=1e-4)
 
@@ -402,3 +402,19 @@ def test_dropout_compiles_into_one_graph():
     without_dropout = layer.base_layer(x) + x @ lora_A.T @ lora_B.T * 2.0
     assert not torch.allclose(out, without_dropout)  # dropout did drop
     assert torch.isfinite(lora_A.grad).all() and lora_A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fast_on", [True, False])
+def test_the_switch_decides_between_the_fused_node_and_the_reference_forward(fast_on):
+    """One switch per model: on, a Linear's output comes from the fused Function; off, from the textbook ops."""
+    lite = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).train()
+    lite.use_fast_path(fast_on)
+    layer = lite.get_base_model().model.layers[0].self_attn.q_proj
+    out = layer(torch.randn(2, 5, layer.in_features))
+    assert ("LoraLinearFunction" in type(out.grad_fn).__name__) == fast_on
+    lite.use_fast_path(not fast_on)
+    lite.eval()
+    x = torch.randn(2, 5, layer.in_features)
+    other = layer(x)
+    lite.use_fast_path(fast_on)
+    torch.testing.assert_close(layer(x), other, rtol=1e-5, atol=TOL)  # the two paths agree without dropout

@@ -6,8 +6,6 @@ well under a second on CPU.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 from transformers import (
@@ -155,14 +153,3 @@ def tiny_word_tokenizer(words: list[str]):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
                                    eos_token="[EOS]")
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Thousands of tiny ops run faster on one thread: on a shared 2-core machine torch's pool only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -11,6 +11,8 @@ from nn.Dropout: same distribution, other bits.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,13 +36,13 @@ def _same_dtype_no_autocast(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
             and not torch.is_autocast_enabled(x.device.type))
 
 
-def linear_applies(base: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+def linear_applies(base: Any, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
     """Whether `lora_linear` computes exactly what the reference would for this nn.Linear / Conv1D."""
     return (type(base) in (nn.Linear, Conv1D) and _runs_own_forward(base, nn.Linear.forward, Conv1D.forward)
             and _same_dtype_no_autocast(x, base.weight, lora_A, lora_B))
 
 
-def conv2d_applies(base: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+def conv2d_applies(base: Any, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
     """Whether `lora_conv2d` applies: a plain zero-padded nn.Conv2d on a batch (n, in, h, w)."""
     return (type(base) is nn.Conv2d and _runs_own_forward(base, nn.Conv2d.forward)
             and base.padding_mode == "zeros" and not isinstance(base.padding, str) and x.dim() == 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,7 +57,8 @@ class LoraConv2dFunction(torch.autograd.Function):
         grad_B = grad_B.mul_(s) if need_B else None
         x_in = x if mask is None else x * as_bytes(mask)
         lora_grad_x, grad_A, _ = conv_backward(grad_u, x_in, lora_A, stride, padding, dilation, [need_x, need_A, False])
-        grad_x = grad_W = grad_b = None
+        grad_x: Any = None
+        grad_W = grad_b = None
         if need_x or need_W or need_b:
             grad_x, grad_W, grad_b = conv_backward(grad_out, x, weight, stride, padding, dilation,
                                                    [need_x, need_W, need_b],

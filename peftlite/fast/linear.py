@@ -7,6 +7,8 @@ reference. Dropout masks come from `masks.py`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,18 +43,17 @@ def _apply_mask_in_blocks(mask: Tensor, g_u: Tensor, x2: Tensor | None, grad_x: 
     which the allocator often hands out as new pages, each faulted in on first touch.
     """
     rows_like = x2 if x2 is not None else grad_x
+    assert rows_like is not None, "called with neither x2 nor grad_x"
     blocks, width = _row_blocks(rows_like), rows_like.shape[1]
-    grad_A = buffer = None
-    if x2 is not None:
-        grad_A = x2.new_zeros(width, g_u.shape[1])  # (in, g·r), transposed as in the Function's backward
-        buffer = x2.new_empty(blocks[0].stop, width)  # the first block is the largest
+    grad_A = rows_like.new_zeros(width, g_u.shape[1])  # (in, g·r), transposed as in the Function's backward
+    buffer = rows_like.new_empty(blocks[0].stop, width)  # the first block is the largest
     for rows in blocks:
         keep = mask_rows(mask, rows, width)
         if x2 is not None:
             grad_A.addmm_(torch.mul(x2[rows], keep, out=buffer[:rows.stop - rows.start]).t(), g_u[rows])
         if grad_x is not None:
             grad_x[rows].mul_(keep)
-    return grad_A.t() if grad_A is not None else None
+    return grad_A.t() if x2 is not None else None
 
 
 def _dropout_product(x2: Tensor, lora_A: Tensor, p: float) -> tuple[Tensor, Tensor]:
@@ -178,13 +179,14 @@ class LoraLinearFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
         x, weight, lora_A, lora_B, u, mask = ctx.saved_tensors
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         s, p, r, slices = ctx.scaling, ctx.dropout, ctx.r, ctx.slices
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
-        grad_x = grad_W = grad_b = grad_A = grad_B = None
+        x2: Any = x.reshape(-1, x.shape[-1]) if x is not None else None
+        grad_x: Any = None
+        grad_W = grad_b = grad_A = grad_B = None
         if need_B:
             grad_B = _per_group([g[:, start:start + size].t() @ u[:, k * r:(k + 1) * r]
                                  for k, (start, size) in enumerate(slices)], dim=0).mul_(s)  # (g·os, r)

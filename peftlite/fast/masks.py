@@ -66,7 +66,7 @@ class Int16Draws:
 
 def _seed_from_torch() -> int:
     """One draw from torch's default CPU generator: what `torch.manual_seed` and checkpointing fix."""
-    return torch.empty((), dtype=torch.int64).random_().item()
+    return int(torch.empty((), dtype=torch.int64).random_().item())
 
 
 def numpy_serves(t: Tensor) -> bool:

@@ -43,7 +43,8 @@ def resolve(model_id_or_path: str | os.PathLike, filename: str, revision: str | 
     where = f"Hub repo {repo_id!r} (revision {revision or 'main'}{', subfolder ' + subfolder if subfolder else ''})"
     try:
         return hf_hub_download(repo_id, filename, subfolder=subfolder or None, revision=revision, token=token,
-                               cache_dir=cache_dir, local_files_only=local_files_only, library_name="peftlite")
+                               cache_dir=None if cache_dir is None else str(cache_dir),
+                               local_files_only=local_files_only, library_name="peftlite")
     except (EntryNotFoundError, OSError) as err:  # missing file or repo, offline and not cached, HTTP errors
         raise FileNotFoundError(f"{filename} not found: no local directory {repo_id!r} and {where} "
                                 f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
