@@ -1,4 +1,4 @@
-"""Many adapters on one base, peftlite beside PEFT in one process (issue 5's measurements).
+"""Many adapters on one base, peftlite beside PEFT in one process.
 
 The same K PEFT-saved adapters (Llama-style base: 4 layers, d=512, intermediate
 1376, vocab 8192; r=16 on q,k,v,o,gate,up,down) go into a peftlite model and a

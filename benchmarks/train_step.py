@@ -1,4 +1,4 @@
-"""Training step time and peak memory: frozen floor vs PEFT vs peftlite (issue 6).
+"""Training step time and peak memory: frozen floor vs PEFT vs peftlite.
 
 The model: a Llama-style causal LM (4 layers, d=512, intermediate 1376, vocab 8192, random
 weights from a config: no Hub), fp32, r=16 on q,k,v,o,gate,up,down, batch 8, 2 CPU threads.
@@ -51,15 +51,22 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = ["floor", "peft-p0", "peftlite-p0", "peft-p0.1", "peftlite-p0.1"]
+# DoRA (use_dora=True), dropout 0: --configs floor,peft-dora-p0,peftlite-dora-p0 (and --inference for eval).
+DORA_CONFIGS = ["peft-dora-p0", "peftlite-dora-p0"]
+# The MoE case (--configs moe-floor,moe-peft,moe-peftlite): see build_moe.
+MOE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MOE_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 BATCH, RANK, ALPHA = 8, 16, 32
 
 
 def build(config: str) -> tuple[nn.Module, list[nn.Parameter]]:
     """The model for `config` in train mode, and its trainable parameters."""
+    if config.startswith("moe-"):
+        return build_moe(config.removeprefix("moe-"))
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(
         num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
@@ -72,17 +79,50 @@ def build(config: str) -> tuple[nn.Module, list[nn.Parameter]]:
         llama.get_input_embeddings().register_forward_hook(lambda module, args, out: out * scale)
         model = llama
     else:
-        library, _, dropout = config.partition("-p")
+        library, _, dropout = config.partition("-p")  # "peft-p0.1", "peftlite-dora-p0", ...
+        library, dora = library.removesuffix("-dora"), library.endswith("-dora")
         if library == "peft":
             import peft
             model = peft.get_peft_model(llama, peft.LoraConfig(
-                r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=float(dropout)))
+                r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=float(dropout), use_dora=dora))
         else:
             import peftlite
             model = peftlite.get_lora_model(llama, peftlite.LoraConfig(
-                r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=float(dropout)))
+                r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=float(dropout), use_dora=dora))
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def build_moe(config: str) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The MoE case ("moe-floor", "moe-peft", "moe-peftlite"): a Mixtral-style LM, 4 layers, d=512,
+    8 experts (intermediate 1376 each), top-2, vocab 8192; LoRA r=16 on q,k,v,o and both 3-D expert
+    parameters (target_parameters), no dropout (PEFT refuses it there). transformers' default
+    experts implementation (grouped_mm) runs the floor."""
+    torch.manual_seed(0)
+    mixtral = MixtralForCausalLM(MixtralConfig(
+        num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=8192, max_position_embeddings=1024, num_local_experts=8,
+        num_experts_per_tok=2, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    fields = dict(r=RANK, lora_alpha=ALPHA, target_modules=MOE_TARGETS, target_parameters=MOE_PARAMETERS)
+    if config == "floor":
+        mixtral.requires_grad_(False)
+        scale = nn.Parameter(torch.ones(()))
+        mixtral.register_parameter("floor_scale", scale)
+        mixtral.get_input_embeddings().register_forward_hook(lambda module, args, out: out * scale)
+        model = mixtral
+    elif config == "peft":
+        import peft
+        model = peft.get_peft_model(mixtral, peft.LoraConfig(**fields))
+    else:
+        import peftlite
+        model = peftlite.get_lora_model(mixtral, peftlite.LoraConfig(**fields))
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def floor_of(config: str) -> str:
+    """The frozen floor a config is measured against."""
+    return "moe-floor" if config.startswith("moe-") else "floor"
 
 
 class Step(NamedTuple):
@@ -179,6 +219,23 @@ def op_times(configs: list[str], seq: int, rounds: int) -> dict[str, OpTimes]:
     return times
 
 
+def inference_times(seq: int, rounds: int) -> dict[str, float]:
+    """Median wall seconds of an eval forward (no grad, adapters unmerged), LoRA and DoRA, interleaved."""
+    configs = ["peft-p0", "peft-dora-p0", "peftlite-p0", "peftlite-dora-p0"]
+    steppers = {c: Stepper(c, seq) for c in configs}
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    with torch.no_grad():
+        for stepper in steppers.values():
+            stepper.model.eval()
+            stepper.model(input_ids=stepper.ids)  # warm-up (and DoRA's norms, computed once in eval)
+        for _ in range(rounds):
+            for config, stepper in steppers.items():
+                start = time.perf_counter()
+                stepper.model(input_ids=stepper.ids)
+                times[config].append(time.perf_counter() - start)
+    return {c: statistics.median(t) for c, t in times.items()}
+
+
 def peak_rss_child(config: str, seq: int) -> None:
     """Run in a fresh process: build, take two steps, print peak RSS in MiB (and after-build RSS)."""
     stepper = Stepper(config, seq)
@@ -210,7 +267,9 @@ def main() -> None:
     parser.add_argument("--seq-mem", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mem-runs", type=int, default=2, help="fresh processes per config (lowest peak taken)")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(CONFIGS + DORA_CONFIGS))
+    parser.add_argument("--inference", action="store_true",
+                        help="also time eval forwards (no grad, no merge): DoRA against LoRA, PEFT and peftlite")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-mem", action="store_true")
     parser.add_argument("--skip-work", action="store_true")
@@ -230,12 +289,12 @@ def main() -> None:
               "ratios of the medians, and [the median of the ratios within each round, wall]")
         for config, (wall, cpu) in medians.items():
             line = f"  {config:14s} {wall * 1000:8.1f} ms {cpu * 1000:8.1f} ms"
-            if "floor" in medians:
-                floor_wall, floor_cpu = medians["floor"]
+            if floor_of(config) in medians:
+                floor_wall, floor_cpu = medians[floor_of(config)]
                 line += (f"   {wall / floor_wall:6.3f}x | {cpu / floor_cpu:6.3f}x "
-                         f"[{paired_ratio(times[config], times['floor']):6.3f}x] floor")
+                         f"[{paired_ratio(times[config], times[floor_of(config)]):6.3f}x] floor")
             peer = config.replace("peftlite", "peft")
-            if config.startswith("peftlite") and peer in medians:
+            if "peftlite" in config and peer in medians:
                 line += (f"   {wall / medians[peer][0]:6.3f}x | {cpu / medians[peer][1]:6.3f}x "
                          f"[{paired_ratio(times[config], times[peer]):6.3f}x] peft")
             print(line)
@@ -250,8 +309,8 @@ def main() -> None:
               "ms (share of the step) at GFLOP/s, by kind of op; 3 interleaved steps")
         steps = 3
         work = op_times(configs, args.seq_time, steps)
-        floor_flops = sum(work["floor"].flops.values()) if "floor" in work else None
         for config, w in work.items():
+            floor_flops = sum(work[floor_of(config)].flops.values()) if floor_of(config) in work else None
             total_flops, total_seconds = sum(w.flops.values()), sum(w.seconds.values())
             line = f"  {config:14s} {total_flops / steps / 1e9:6.1f}"
             line += f" ({total_flops / floor_flops:5.3f}x)" if floor_flops else ""
@@ -259,11 +318,17 @@ def main() -> None:
                 line += f"   {kind} {w.seconds[kind] / steps * 1000:5.0f} ({w.seconds[kind] / total_seconds:5.1%})"
                 line += f" at {w.flops[kind] / w.seconds[kind] / 1e9:3.0f}" if w.flops[kind] else ""
             print(line)
+    if args.inference:
+        medians = inference_times(args.seq_time, args.rounds)
+        print(f"\neval forward, seq {args.seq_time}, no grad, unmerged: median of {args.rounds} interleaved calls")
+        for library in ("peft", "peftlite"):
+            lora, dora = medians[f"{library}-p0"], medians[f"{library}-dora-p0"]
+            print(f"  {library:9s} LoRA {lora * 1000:8.1f} ms   DoRA {dora * 1000:8.1f} ms   DoRA/LoRA {dora / lora:6.3f}x")
     if not args.skip_mem:
         print(f"\npeak RSS, seq {args.seq_mem}, lowest of {args.mem_runs} fresh processes per config")
         results = {config: peak_rss(config, args.seq_mem, args.threads, args.mem_runs) for config in configs}
-        floor = results.get("floor")
         for config, r in results.items():
+            floor = results.get(floor_of(config))
             ratio = f"{r['peak_mib'] / floor['peak_mib']:6.3f}x floor" if floor else ""
             above = (f"  (above the built model: {(r['peak_mib'] - r['built_mib']) / (floor['peak_mib'] - floor['built_mib']):5.3f}x)"
                      if floor else "")

@@ -25,7 +25,9 @@ from .layers import (
                             ModulesToSave,
 )
 from .peft_model import LoraModel, get_lora_model, inject_adapter_in_model
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import LoraTuner
+from .tuner.kbit import dequantize_and_merge, prepare_model_for_kbit_training
 
 PeftModel = LoraModel
 get_peft_model = get_lora_model
@@ -33,7 +35,9 @@ get_peft_model = get_lora_model
 __all__ = [
     "LoraConfig", "LoraModel", "get_lora_model", "PeftModel", "get_peft_model", "LoraTuner",
     "inject_adapter_in_model", "get_peft_model_state_dict", "set_peft_model_state_dict",
+    "get_layer_status", "get_model_status", "TunerLayerStatus", "TunerModelStatus",
     "get_base_model_state_dict", "set_base_model_state_dict",
     "LoraLayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "ModulesToSave",
+    "prepare_model_for_kbit_training", "dequantize_and_merge",
 ]
 __version__ = "0.2.0"

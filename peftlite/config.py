@@ -32,7 +32,8 @@ ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 BASE_NAME = "__base__"  # in a mixed batch's adapter_names: this sample runs the base model
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-INIT_MODES = (True, False, "gaussian")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora", "orthogonal")  # and "pissa_niter_K" (PISSA_NITER)
+PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]{0,3})")  # PiSSA by randomized SVD with K subspace iterations
 MAX_ALPHA = 3.4e38  # float32's range: alpha / r reaches kernels as a float32 scalar
 MAX_RANK = 1 << 16  # far above any useful rank; a typo such as r=10**12 fails here, not in an allocation
 # Names nn.Module (and so nn.ModuleDict) owns: an adapter of that name could not be a ModuleDict key.
@@ -40,8 +41,8 @@ RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict()) if not name.sta
 
 # PEFT fields that change the math unless left at one of these values (the first is the default).
 UNSUPPORTED: dict[str, tuple] = {
-    "use_dora": (False,), "lora_bias": (False,), "use_qalora": (False,), "use_bdlora": (None, False),
-    "layer_replication": (None,), "target_parameters": (None, []), "trainable_token_indices": (None,),
+    "use_qalora": (False,), "use_bdlora": (None, False),
+    "layer_replication": (None,), "trainable_token_indices": (None,),
     "alora_invocation_tokens": (None,), "arrow_config": (None,), "kasa_config": (None,),
     "monteclora_config": (None,), "megatron_config": (None,), "eva_config": (None,),
     "corda_config": (None,), "lora_ga_config": (None,), "velora_config": (None,),
@@ -225,14 +226,24 @@ class LoraConfig:
             raise ValueError(f"bias={self.bias!r} is invalid: expected one of {list(BIAS_MODES)}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type={self.task_type!r} is invalid: expected None or one of {list(TASK_TYPES)}")
-        if not any(self.init_lora_weights is mode or self.init_lora_weights == mode and isinstance(mode, str)
-                   for mode in INIT_MODES):
-            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported: expected one of "
-                             f"{list(INIT_MODES)}")
-        for name in ("fan_in_fan_out", "merge_weights", "use_rslora", "inference_mode", "ensure_weight_tying"):
+        init = self.init_lora_weights
+        if not (any(init is mode or init == mode and isinstance(mode, str) for mode in INIT_MODES)
+                or isinstance(init, str) and PISSA_NITER.fullmatch(init)):
+            raise ValueError(f"init_lora_weights={init!r} is not supported: expected one of "
+                             f"{list(INIT_MODES)} or 'pissa_niter_K' (K from 1 to 9999)")
+        if self.lora_bias and init not in (True, False):  # PEFT's rule: the bias is for plain inits only
+            raise ValueError(f"lora_bias=True needs init_lora_weights True or False, got {init!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True with use_dora=True is not supported (nor by PEFT): expected one of them")
+        if self.enable_lora is not None and (self.use_dora or self.lora_bias):
+            raise ValueError(f"enable_lora={self.enable_lora!r} (a fused MergedLinear) does not take "
+                             f"use_dora={self.use_dora!r} or lora_bias={self.lora_bias!r}: expected them False")
+        for name in ("fan_in_fan_out", "merge_weights", "use_rslora", "inference_mode", "ensure_weight_tying",
+                     "use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected True or False")
-        _check_targets("target_modules", self.target_modules)
+        if not (self.target_modules == [] and self.target_parameters):  # [] + target_parameters: PEFT's "no modules"
+            _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
         self._validate_lists()
         for name, check, expected in (("rank_pattern", _is_rank, f"an integer from 1 to {MAX_RANK}"),
@@ -250,6 +261,10 @@ class LoraConfig:
                 raise ValueError(f"{name}={value!r} is invalid: expected a string or None")
 
     def _validate_lists(self) -> None:
+        if self.target_parameters is not None and (not isinstance(self.target_parameters, list) or not all(
+                isinstance(name, str) and name for name in self.target_parameters)):
+            raise ValueError(f"target_parameters={self.target_parameters!r} is invalid: expected a list of "
+                             "parameter names such as 'mlp.experts.gate_up_proj'")
         if self.enable_lora is not None and (
                 not isinstance(self.enable_lora, list) or not self.enable_lora
                 or not all(isinstance(e, bool) for e in self.enable_lora) or not any(self.enable_lora)):
@@ -305,7 +320,7 @@ class LoraConfig:
         kwargs = {k: v for k, v in data.items() if k in names}
         if isinstance(kwargs.get("runtime_config"), dict):  # PEFT writes its LoraRuntimeConfig as a dict
             kwargs["runtime_config"] = None
-        if kwargs.get("init_lora_weights") in ("eva", "orthogonal", "corda", "loftq", "lora_ga"):
+        if kwargs.get("init_lora_weights") in ("eva", "corda", "loftq", "lora_ga"):
             kwargs["init_lora_weights"] = True  # only the starting point: a trained adapter is plain LoRA
         try:
             return cls(**kwargs)

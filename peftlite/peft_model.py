@@ -22,7 +22,9 @@ from torch import nn
 from .config import LoraConfig
 from .io.files import save_adapters
 from .io.loading import LoadResult, hotswap_adapter, load_adapter
+from .io.state_dict import attach_tuner
 from .layers import LoraLayer, ModulesToSave
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .storage import hub
 from .tuner import LoraTuner
 
@@ -147,13 +149,23 @@ class LoraModel(nn.Module):
     # ---- files and the Hub -------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
-                        is_main_process: bool = True, **kwargs: Any) -> None:
-        """Write adapters in PEFT's format: "default" at the root, any other in a subfolder of its name."""
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
+                        **kwargs: Any) -> None:
+        """Write adapters in PEFT's format: "default" at the root, any other in a subfolder of its name.
+
+        path_initial_model_for_weight_conversion: a PiSSA/OLoRA adapter saved right after
+        initialisation; the adapters are then written as plain LoRA (rank 2r) on the original base.
+        """
         if self.base_model.unloaded:
             raise ValueError("this LoraModel was unloaded (merge_and_unload/unload): its adapters are gone from "
                              "the model, so saving would write an empty adapter; save before unloading")
+        if save_embedding_layers not in (False, "auto"):
+            raise ValueError(f"save_embedding_layers={save_embedding_layers!r} is not supported: expected False or "
+                             "'auto'; peftlite does not write base embedding tables into an adapter (save a resized "
+                             "base model with its own save_pretrained)")
         save_adapters(self.base_model.model, self.peft_config, save_directory, selected_adapters,
-                      is_main_process=is_main_process, safe_serialization=safe_serialization, **kwargs)
+                      is_main_process=is_main_process, safe_serialization=safe_serialization,
+                      path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion, **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id_or_path: str, adapter_name: str = "default",
@@ -171,7 +183,7 @@ class LoraModel(nn.Module):
         lora_model.load_adapter(model_id_or_path, adapter_name, is_trainable=is_trainable, config=config,
                                 autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
                                 revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
-                                local_files_only=local_files_only, **kwargs)
+                                local_files_only=local_files_only, key_mapping=key_mapping, **kwargs)
         lora_model.set_adapter(adapter_name)
         if not is_trainable:
             lora_model.eval()
@@ -185,10 +197,14 @@ class LoraModel(nn.Module):
 
         Everything is validated before the first module changes, so on any error
         the model is left exactly as it was. Returns PEFT's (missing_keys, unexpected_keys).
+        As PEFT: unless is_trainable, the whole model is put in eval mode (dropout off).
         """
-        return load_adapter(self.base_model, model_id_or_path, adapter_name, is_trainable,
-                            low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype,
-                            **kwargs)
+        result = load_adapter(self.base_model, model_id_or_path, adapter_name, is_trainable,
+                              low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype,
+                              **kwargs)
+        if not is_trainable:
+            self.eval()
+        return result
 
     def hotswap_adapter(self, model_id_or_path: str, adapter_name: str, **kwargs: Any) -> None:
         """Load new weights into the existing adapter `adapter_name` in place (same modules and ranks)."""
@@ -221,6 +237,14 @@ class LoraModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """PEFT's per-layer status (peftlite.status)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """PEFT's model-wide status summary (peftlite.status)."""
+        return get_model_status(self)
+
     def lora_layers(self) -> list[tuple[str, LoraLayer]]:
         return self.base_model.lora_layers()
 
@@ -249,4 +273,5 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     if not isinstance(peft_config, LoraConfig):
         raise ValueError(f"peft_config {peft_config!r} is invalid: expected a peftlite LoraConfig")
     tuner = LoraTuner(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    attach_tuner(tuner.model, tuner)
     return tuner.model

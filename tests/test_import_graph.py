@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "peftlite"
 LAYERS = [
     ["storage"],
     ["config"],
-    ["functional"],
+    ["functional", "inits"],
     ["fast"],
     ["variants"],
     ["layers"],

@@ -1,4 +1,4 @@
-"""The training path computes the plain LoRA formulation exactly (issue 6).
+"""The training path computes the plain LoRA formulation exactly.
 
 peftlite's layers train through custom autograd Functions (functional.LoraLinearFunction) and
 in-place adds. These tests hold loss and every trainable gradient to

@@ -33,6 +33,7 @@ from ..io.files import read_adapter
 from ..io.keys import parse_file_key
 from ..peft_model import LoraModel, get_lora_model
 from ..storage.hub import push_directory
+from ..tuner.kbit import dequantize_and_merge, prepare_model_for_kbit_training
 from . import training
 from .demo import run as run_demo
 from .training import TASK_TYPES, has_tokenizer
@@ -105,12 +106,21 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=_positive_int("max_length"), default=128)
 
 
+def _quant_options(parser: argparse.ArgumentParser) -> None:
+    bits = parser.add_mutually_exclusive_group()
+    bits.add_argument("--load-in-4bit", dest="load_in_bits", action="store_const", const=4,
+                      help="load the base in 4-bit nf4 with bitsandbytes (QLoRA)")
+    bits.add_argument("--load-in-8bit", dest="load_in_bits", action="store_const", const=8,
+                      help="load the base in 8-bit (LLM.int8) with bitsandbytes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="peftlite", description="LoRA adapters in PEFT's file format")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a LoRA adapter (runs through accelerate)")
     _data_options(train)
+    _quant_options(train)
     train.add_argument("--output", required=True, help="directory the adapter is saved to")
     train.add_argument("--r", type=_positive_int("r"), default=8)
     train.add_argument("--lora-alpha", type=_positive_float("lora_alpha"), default=16.0)
@@ -122,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="accuracy (seq-cls) or perplexity (causal-lm) of an adapter")
     _data_options(evaluate)
+    _quant_options(evaluate)
     evaluate.add_argument("--adapter", required=True, help="adapter directory or Hub id")
 
     merge = commands.add_parser("merge", help="write base + adapter as a plain transformers model")
     merge.add_argument("--model", required=True)
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--output", required=True)
+    _quant_options(merge)  # the base the adapter was trained on; the merged model is written in float
     merge.add_argument("--task", choices=list(TASK_TYPES), default=None,
                        help="model class to load (default: the adapter's task_type)")
 
@@ -204,7 +216,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
     tokenizer = training.load_tokenizer(args.model)
 
     def build():
-        base = training.load_base_model(args.model, args.task, num_labels, tokenizer.pad_token_id)
+        base = training.load_base_model(args.model, args.task, num_labels, tokenizer.pad_token_id,
+                                        args.load_in_bits)
+        if args.load_in_bits:
+            prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         return get_lora_model(base, config)
 
     accelerator = training.make_accelerator()
@@ -218,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 
 def _load_with_adapter(model_id: str, adapter: str, task: str | None, num_labels: int | None = None,
-                       pad_token_id: int | None = None):
+                       pad_token_id: int | None = None, load_in_bits: int | None = None):
     """Base model + adapter, loaded after the adapter has been read and checked.
 
     The model class comes from `task`, else the adapter's task_type, else the
@@ -236,9 +251,10 @@ def _load_with_adapter(model_id: str, adapter: str, task: str | None, num_labels
         import transformers
         architectures = transformers.AutoConfig.from_pretrained(model_id).architectures or []
         model_class = getattr(transformers, architectures[0], None) if architectures else None
-        base = (model_class or transformers.AutoModel).from_pretrained(model_id)
+        base = (model_class or transformers.AutoModel).from_pretrained(
+            model_id, **training.quantization_kwargs(load_in_bits))
     else:
-        base = training.load_base_model(model_id, task, num_labels or head, pad_token_id)
+        base = training.load_base_model(model_id, task, num_labels or head, pad_token_id, load_in_bits)
     return LoraModel.from_pretrained(base, adapter)
 
 
@@ -251,20 +267,24 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     check_model_id(args.model)
     _quiet_transformers()
     tokenizer = training.load_tokenizer(args.model)
-    model = _load_with_adapter(args.model, args.adapter, args.task, args.num_labels, tokenizer.pad_token_id)
+    model = _load_with_adapter(args.model, args.adapter, args.task, args.num_labels, tokenizer.pad_token_id,
+                               args.load_in_bits)
     if args.task == "seq-cls":
         classes = model.config.num_labels
         if max(examples.labels) >= classes:
             raise UsageError(f"label id {max(examples.labels)} in {args.data!r} is out of range: "
                              f"the adapter's head has {classes} labels")
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.load_in_bits:  # a quantized model was placed by its device_map and cannot move
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
     return training.evaluate(model, tokenizer, examples, args.task, args.max_length, args.batch_size)
 
 
 def cmd_merge(args: argparse.Namespace) -> dict:
 
     check_output_dir(args.output, must_be_empty=True)
-    merged = _load_with_adapter(args.model, args.adapter, args.task).merge_and_unload()
+    model = _load_with_adapter(args.model, args.adapter, args.task, load_in_bits=args.load_in_bits)
+    # over a quantized base: W + ΔW in float (the base as trained), not requantized
+    merged = dequantize_and_merge(model) if args.load_in_bits else model.merge_and_unload()
     tokenizer = None  # a model without a tokenizer (vision, plain): merge the weights alone
     if has_tokenizer(args.model):
         try:

@@ -21,6 +21,7 @@ exactly like 1 process with batch size N·b on the same global batches:
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
 )
 
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -181,13 +183,33 @@ def load_tokenizer(model_id: str):
     return tokenizer
 
 
-def load_base_model(model_id: str, task: str, num_labels: int | None = None, pad_token_id: int | None = None):
-    """A transformers model for the task: sequence classification (with `num_labels`) or causal LM."""
+def quantization_kwargs(bits: int | None) -> dict:
+    """from_pretrained arguments for a bitsandbytes base: QLoRA's 4-bit nf4 with double quantization, or
+    LLM.int8; on this process's GPU if there is one, else on CPU (bitsandbytes runs there too)."""
+    if bits is None:
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"--load-in-{bits}bit needs bitsandbytes: pip install 'peftlite[quant]'")
+    if bits == 4:
+        compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def load_base_model(model_id: str, task: str, num_labels: int | None = None, pad_token_id: int | None = None,
+                    load_in_bits: int | None = None):
+    """A transformers model for the task: sequence classification (with `num_labels`) or causal LM;
+    load_in_bits 4 or 8 loads it quantized by bitsandbytes (`quantization_kwargs`)."""
+    quantized = quantization_kwargs(load_in_bits)
     if task == "seq-cls":
         kwargs = {} if num_labels is None else {"num_labels": num_labels}
-        model = AutoModelForSequenceClassification.from_pretrained(model_id, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(model_id, **kwargs, **quantized)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, **quantized)
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id  # GPT-2 style classifiers find the last token by it
     return model

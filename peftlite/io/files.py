@@ -12,29 +12,35 @@ what was read into a model is loading.py's job.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import warnings
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..config import CONFIG_NAME, LoraConfig
 from ..storage import hub
 from ..storage.atomic import (
-    atomic_write_all,
+    atomic_write_tree,
+    finish_interrupted,
     prepare_directory,
     text_writer,
     write_safetensors,
 )
 from .card import model_card
+from .conversion import converted_config, converted_tensors
 from .keys import adapter_tensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 CARD_NAME = "README.md"
+CONFIG_HASH_KEY = "peftlite_config_sha256"  # safetensors metadata: which config these weights were saved with
+HASH_IGNORES = ("base_model_name_or_path", "revision", "inference_mode")
 
 
 # ---- config <-> file -----------------------------------------------------------------------------
@@ -70,7 +76,14 @@ def read_weights(model_id_or_path: str, device: str | torch.device = "cpu",
 
 def read_adapter(model_id_or_path: str, device: str | torch.device = "cpu",
                  **hub_kwargs: Any) -> tuple[LoraConfig, dict[str, Tensor], str]:
-    """(config, tensors under PEFT's keys on `device`, weights path) of one saved adapter."""
+    """(config, tensors under PEFT's keys on `device`, weights path) of one saved adapter.
+
+    A local directory whose save was interrupted after its commit is finished first (atomic.py).
+    """
+    local = os.path.join(model_id_or_path, hub_kwargs.get("subfolder") or "")
+    if os.path.isdir(local):
+        finish_interrupted(os.path.dirname(os.path.abspath(local)))  # "default" beside "other"
+        finish_interrupted(local)
     config = read_config(model_id_or_path, **hub_kwargs)
     tensors, path = read_weights(model_id_or_path, device, **hub_kwargs)
     return config, tensors, path
@@ -79,8 +92,13 @@ def read_adapter(model_id_or_path: str, device: str | torch.device = "cpu",
 # ---- saving -------------------------------------------------------------------------------------
 def save_adapters(root: nn.Module, configs: dict[str, LoraConfig], save_directory: str | os.PathLike,
                   selected_adapters: list[str] | None = None, is_main_process: bool = True,
-                  safe_serialization: bool = True, **ignored: Any) -> None:
+                  safe_serialization: bool = True, path_initial_model_for_weight_conversion: str | None = None,
+                  **ignored: Any) -> None:
     """Write adapters of model `root` as PEFT does: "default" at the root, any other in a subfolder.
+
+    path_initial_model_for_weight_conversion: the PiSSA/OLoRA adapter as saved right after
+    initialisation; each adapter is then written as the equivalent plain LoRA on the
+    original base (rank 2r, conversion.py), as PEFT does.
 
     Each directory gets adapter_config.json, adapter_model.safetensors and a README.md
     model card; every file is written atomically.
@@ -104,6 +122,7 @@ def save_adapters(root: nn.Module, configs: dict[str, LoraConfig], save_director
         if name != "default" and (directory_root / name).exists() and not (directory_root / name).is_dir():
             raise ValueError(f"{str(directory_root / name)!r} is a file: adapter {name!r} needs a subfolder of "
                              "that name")
+    plan = []
     for name in names:
         directory = directory_root if name == "default" else directory_root / name
         directory.mkdir(exist_ok=True)
@@ -111,12 +130,54 @@ def save_adapters(root: nn.Module, configs: dict[str, LoraConfig], save_director
                                      base_model_name_or_path=configs[name].base_model_name_or_path
                                      or _base_model_name(root))
         tensors = adapter_tensors(root, config, name)
-        writers = {WEIGHTS_NAME: lambda path, t=tensors: write_safetensors(t, path, metadata={"format": "pt"}),
+        if path_initial_model_for_weight_conversion is not None:
+            initial, source = read_weights(str(path_initial_model_for_weight_conversion))
+            config = converted_config(config)
+            tensors = converted_tensors(tensors, initial, source)
+        metadata = {"format": "pt", CONFIG_HASH_KEY: config_hash(config)}
+        writers = {WEIGHTS_NAME: lambda path, t=tensors, m=metadata: write_safetensors(t, path, metadata=m),
                    CONFIG_NAME: text_writer(config.to_json_file_text())}
-        card = model_card(directory / CARD_NAME, config.base_model_name_or_path)
+        card = model_card(directory / CARD_NAME, config.base_model_name_or_path, root, config.task_type)
         if card is not None:
             writers[CARD_NAME] = text_writer(card)
-        atomic_write_all(directory, writers)
+        plan.append((directory, writers))
+    atomic_write_tree(directory_root, plan)  # every adapter's files change together
+
+
+def config_hash(config: LoraConfig) -> str:
+    """A hash of what the config says about the weights (not where the base model came from).
+
+    Stored in the weights file's safetensors metadata (PEFT ignores it), so a load
+    can tell a config from another save (an interrupted save, a copied file).
+    """
+    data = {k: v for k, v in config.to_file_dict().items() if k not in HASH_IGNORES}
+    return hashlib.sha256(json.dumps(_numbers_as_floats(data), sort_keys=True).encode()).hexdigest()
+
+
+def _numbers_as_floats(value: Any) -> Any:
+    """16 and 16.0 alike: a config read back may hold a float where the saved one held an int."""
+    if isinstance(value, dict):
+        return {str(k): _numbers_as_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_numbers_as_floats(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def check_config_matches(config: LoraConfig, path: str) -> None:
+    """ValueError when weights saved by peftlite name another config than the one beside them."""
+    if not path.endswith(WEIGHTS_NAME):
+        return
+    try:
+        with safe_open(path, framework="pt") as f:
+            saved = (f.metadata() or {}).get(CONFIG_HASH_KEY)
+    except (SafetensorError, OSError):
+        return  # read_weights names the bad file
+    if saved is not None and saved != config_hash(config):
+        raise ValueError(f"{path}: these weights were saved with another {CONFIG_NAME} than the one beside "
+                         "them (an interrupted save, a file copied from another save, or an edited r, "
+                         "lora_alpha or target); expected the pair written by one save_pretrained")
 
 
 def _base_model_name(model) -> str | None:

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from ..config import LoraConfig
 from ..layers import LoraLayer, MergedLinear, ModulesToSave, is_supported
+from ..layers.walk import walk
+from ..tuner.parameters import find_target_parameters, parameter_layout
 from ..tuner.targets import find_modules_to_save
 
 PREFIX = "base_model.model."
@@ -38,27 +40,54 @@ PAIR_SUFFIXES = ("lora_A.weight", "lora_B.weight")
 EMBEDDING_PAIR_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 # PEFT saves the full weight of these (EMBEDDING_LAYER_NAMES) when an embedding is targeted or resized.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+# A variant's extra tensors: file suffix -> part name in a Slot. DoRA's magnitude is
+# `lora_magnitude_vector[name].weight` in memory; lora_bias's is `lora_B[name].bias`.
+EXTRA_SUFFIXES = {"lora_magnitude_vector": "M", "lora_B.bias": "bias"}
 
 
-def walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) like named_modules, but not into LoRA layers or ModulesToSave.
+def extra_tensors(layer: LoraLayer, name: str) -> dict[str, Tensor]:
+    """{part: tensor} of adapter `name`'s extras on `layer` ("M": DoRA magnitude, "bias": B's bias)."""
+    out = {}
+    magnitudes = getattr(layer, "lora_magnitude_vector", {})
+    if name in magnitudes:
+        out["M"] = magnitudes[name].weight
+    bias = getattr(layer.lora_B[name], "bias", None) if name in layer.lora_B else None
+    if bias is not None:
+        out["bias"] = bias
+    return out
 
-    Their children are adapter records and copies, so stopping there keeps
-    every walk independent of how many adapters are loaded.
-    """
-    seen: set[int] = set()
-    stack = [("", root)]
-    while stack:
-        path, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield path, module
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            continue
-        children = [(f"{path}.{name}" if path else name, child)
-                    for name, child in module._modules.items() if child is not None]
-        stack.extend(reversed(children))
+
+def checked_extras(path: str, layer: LoraLayer, parts: dict[str, Tensor], config: LoraConfig, source: str
+                   ) -> dict[str, Tensor]:
+    """A file's extras for `path`, checked against the config (use_dora, lora_bias) and the layer's shapes."""
+    rows = file_shapes(layer, config.rank_for(path))[1][0]
+    extras = {}
+    for part, wanted, field in (("M", config.use_dora, "use_dora"), ("bias", config.lora_bias, "lora_bias")):
+        suffix = next(s for s, p in EXTRA_SUFFIXES.items() if p == part)
+        if (part in parts) != wanted:
+            raise ValueError(f"{source}: {path}.{suffix} is {'missing' if wanted else 'present'} but the config "
+                             f"says {field}={wanted}: expected the file and its adapter_config.json to agree")
+        if wanted:
+            if parts[part].numel() != rows:
+                raise ValueError(f"{source}: {path}.{suffix} has shape {tuple(parts[part].shape)}, expected "
+                                 f"{rows} values, one per output row of {type(layer.base_layer).__name__}")
+            extras[part] = parts[part]
+    return extras
+
+
+def set_extras(layer: LoraLayer, name: str, extras: dict[str, Tensor], in_place: bool) -> None:
+    """Put loaded extras into adapter `name`'s magnitude / B bias (shaped as the existing parameters)."""
+    own = extra_tensors(layer, name)
+    with torch.no_grad():
+        for part, value in extras.items():
+            param = own[part]
+            value = value.reshape(param.shape)
+            if in_place or param.device.type != "meta":
+                param.copy_(value)
+            else:
+                owner = layer.get_submodule(f"lora_magnitude_vector.{name}" if part == "M" else f"lora_B.{name}")
+                owner.register_parameter("weight" if part == "M" else "bias",
+                                         nn.Parameter(value.to(dtype=param.dtype), requires_grad=param.requires_grad))
 
 
 def pair_suffixes(module: nn.Module) -> tuple[str, str]:
@@ -131,6 +160,10 @@ def adapter_tensors(root: nn.Module, config: LoraConfig, adapter_name: str) -> d
             suffix_A, suffix_B = pair_suffixes(module)
             out[key(PREFIX, path, suffix_A)] = lora_A
             out[key(PREFIX, path, suffix_B)] = lora_B
+            for suffix, part in EXTRA_SUFFIXES.items():
+                extras = extra_tensors(module, adapter_name)
+                if part in extras:
+                    out[key(PREFIX, path, suffix)] = extras[part]
             if config.bias == "lora_only" and module.bias is not None:
                 out[key(PREFIX, path, "base_layer.bias")] = module.bias
         elif isinstance(module, ModulesToSave):
@@ -201,12 +234,19 @@ def build_index(root: nn.Module, config: LoraConfig, prefix: str = PREFIX) -> di
             suffix_A, suffix_B = pair_suffixes(module)
             index[key(prefix, path, suffix_A)] = Slot("lora", path, "A")
             index[key(prefix, path, suffix_B)] = Slot("lora", path, "B")
+            for suffix, part in EXTRA_SUFFIXES.items():
+                index[key(prefix, path, suffix)] = Slot("lora", path, part)
             if isinstance(base, nn.Embedding) or path.split(".")[-1] in EMBEDDING_LAYER_NAMES:
                 index[key(prefix, path, "weight")] = Slot("base", "", target=base.weight)
                 index[key(prefix, path, "base_layer.weight")] = Slot("base", "", target=base.weight)
             if getattr(base, "bias", None) is not None:
                 index[key(prefix, path, "base_layer.bias")] = Slot("base", "", target=base.bias)
                 index[key(prefix, path, "bias")] = Slot("base", "", target=base.bias)
+    # target_parameters: a wrapper nested d deep has its keys at `<module path>` + ".base_layer"·d, as in PEFT
+    for target, path, depth in parameter_layout(root, find_target_parameters(root, config)):
+        wrapper_path = path + ".base_layer" * depth
+        for part, suffix in zip("AB", PAIR_SUFFIXES):
+            index[key(prefix, wrapper_path, suffix)] = Slot("lora", target, part)
     return index
 
 

@@ -16,6 +16,7 @@ when they differ from what is there.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from typing import Any, NamedTuple
 
@@ -23,12 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LoraConfig
+from ..inits import mutates_base
 from ..layers import LoraLayer, MergedLinear, ModulesToSave
+from ..layers.walk import walk
 from ..tuner import LoraTuner
 from ..tuner.inject import Plan, plan_layers
 from ..tuner.targets import find_modules_to_save
-from .files import read_adapter
-from .keys import Slot, build_index, file_prefix, file_shapes, fused_from_file, walk
+from .files import check_config_matches, read_adapter
+from .keys import Slot, build_index, checked_extras, file_prefix, file_shapes, fused_from_file, set_extras
 
 HUB_KWARGS = ("revision", "subfolder", "token", "cache_dir", "local_files_only")
 # PEFT load options about placement that change nothing on one device: accepted for drop-in use.
@@ -160,7 +163,26 @@ def check_tensors(tensors: dict[str, Any], source: str) -> None:
 def read_checked(tuner: LoraTuner, model_id_or_path: str, **kwargs: Any) -> tuple[LoraConfig, dict[str, Tensor], str]:
     config, tensors, source = read_adapter(model_id_or_path, _weights_device(tuner.model), **hub_kwargs(kwargs))
     check_tensors(tensors, source)
-    return config, tensors, source
+    return config, remap_keys(tensors, kwargs.get("key_mapping"), source), source
+
+
+def remap_keys(tensors: dict[str, Tensor], key_mapping: dict[str, str] | None, source: str) -> dict[str, Tensor]:
+    """PEFT's key_mapping: on each key without its `base_model.model.` prefix, the first regex that matches rewrites it."""
+    if not key_mapping:
+        return tensors
+    remapped = {}
+    for name, tensor in tensors.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if name.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"{source}: key {name!r} has no 'base_model.model.' prefix: key_mapping expects "
+                             "PEFT's keys")
+        body = name.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            body, count = re.subn(pattern, replacement, body)
+            if count:
+                break
+        remapped[prefix + body] = tensor
+    return remapped
 
 
 def load_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, is_trainable: bool = False,
@@ -177,24 +199,31 @@ def load_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, is_
     file_config, tensors, source = read_checked(tuner, model_id_or_path, **kwargs)
     if config is not None and not isinstance(config, LoraConfig):
         raise ValueError(f"config {config!r} is invalid: expected a LoraConfig")
+    config_given = config
     config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
     root = tuner.model
     pairs, saved, base = place(root, config, tensors, source)
     layers = plan_layers(root, tuner.adapter_state, config, list(pairs))
-    weights = {path: checked_pair(path, layer, pairs[path], config.rank_for(path), source)
-               for path, _, layer in layers}
+    keyed = [(layer.config_key(path), layer) for path, _, layer in layers]  # a parameter's key names it
+    weights = {path: checked_pair(path, layer, pairs[path], config.rank_for(path), source) for path, layer in keyed}
+    extras = {path: checked_extras(path, layer, pairs[path], config, source) for path, layer in keyed}
     expected_saved = find_modules_to_save(root, config)
     for path in expected_saved:
         check_saved(path, root.get_submodule(path), saved.get(path, {}), source)
     changed = check_base(base, source)
+    if config_given is None:
+        check_config_matches(file_config, source)  # last: the more specific errors above come first
 
     with tuner.adapter_state.lock:
         tuner.check_new_adapter(adapter_name)
         plan = Plan(adapter_name, config, layers, expected_saved)
-        tuner.install(plan, init=None, autocast_adapter_dtype=autocast_adapter_dtype,
+        # PiSSA/OLoRA adapters apply to the residual base: their init runs again to subtract it, as in PEFT.
+        init = config.init_lora_weights if mutates_base(config.init_lora_weights) else None
+        tuner.install(plan, init=init, autocast_adapter_dtype=autocast_adapter_dtype,
                       low_cpu_mem_usage=low_cpu_mem_usage)
-        for path, _, layer in layers:
+        for path, layer in keyed:
             layer.set_factors(adapter_name, *weights[path], in_place=False)
+            set_extras(layer, adapter_name, extras[path], in_place=False)
         for path in expected_saved:
             # .get: a module with no state (e.g. an activation) has no keys in the file
             copy = root.get_submodule(path).modules_to_save[adapter_name]
@@ -221,15 +250,20 @@ def hotswap_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, 
     copies: dict[str, ModulesToSave] = {}
     for path, module in walk(tuner.model):
         if isinstance(module, LoraLayer) and adapter_name in module.adapters:
-            layers[path] = module
+            layers[module.config_key(path)] = module
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             copies[path] = module
     if set(pairs) != set(layers) or set(saved) != set(copies):
         differ = sorted(set(pairs) ^ set(layers) | set(saved) ^ set(copies))
         raise ValueError(f"{source}: adapter covers other modules than {adapter_name!r} ({differ[:3]}...): "
                          "hotswap needs the same target modules and modules_to_save")
-    weights = {}
+    for field in ("use_dora", "lora_bias"):
+        if getattr(config, field) != getattr(old, field):
+            raise ValueError(f"{source}: {field}={getattr(config, field)!r} but adapter {adapter_name!r} has "
+                             f"{field}={getattr(old, field)!r}: hotswap needs the same variant")
+    weights, extras = {}, {}
     for path, layer in layers.items():
+        extras[path] = checked_extras(path, layer, pairs[path], config, source)
         if getattr(layer, "enable_lora", None) != config.enable_lora:
             raise ValueError(f"{source}: enable_lora={config.enable_lora!r} but {path!r} has "
                              f"enable_lora={getattr(layer, 'enable_lora', None)!r}")
@@ -240,10 +274,12 @@ def hotswap_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, 
     for path, module in copies.items():
         check_saved(path, module, saved[path], source)
     changed = check_base(base, source)
+    check_config_matches(config, source)
 
     with tuner.adapter_state.lock:
         for path, layer in layers.items():
             layer.set_factors(adapter_name, *weights[path], in_place=True)
+            set_extras(layer, adapter_name, extras[path], in_place=True)
             record = layer.adapters[adapter_name]
             record.scaling, record.lora_alpha = config.scaling_for(path), config.alpha_for(path)
             dropout = layer.lora_dropout[adapter_name]

@@ -9,6 +9,8 @@ The base-model pair translates between the wrapped model's names
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -16,7 +18,7 @@ from ..config import LoraConfig
 from ..layers import LoraLayer, ModulesToSave
 from ..tuner import LoraTuner
 from ..tuner.inject import plan_layers
-from .keys import adapter_tensors
+from .keys import PREFIX, adapter_tensors
 from .loading import (
     LoadResult,
     check_base,
@@ -27,22 +29,43 @@ from .loading import (
     place,
 )
 
+INJECTED_TUNER = "_peftlite_tuner"  # where inject_adapter_in_model leaves the tuner of a bare model
+
+
+def attach_tuner(model: nn.Module, tuner: LoraTuner) -> None:
+    """Let the functional API find `tuner` from the bare `model` inject_adapter_in_model returns.
+
+    Stored outside nn.Module's registry (no submodule cycle, nothing in state_dict);
+    `model.peft_config` is set as PEFT sets it.
+    """
+    object.__setattr__(model, INJECTED_TUNER, tuner)
+    model.__dict__["peft_config"] = tuner.peft_config
+
 
 def tuner_of(model: nn.Module) -> LoraTuner:
-    """The LoraTuner of a LoraModel, or the tuner itself."""
-    tuner = getattr(model, "base_model", model)
-    if not isinstance(tuner, LoraTuner):
-        raise ValueError(f"model of type {type(model).__name__} is invalid: expected a peftlite LoraModel")
-    return tuner
+    """The LoraTuner of a LoraModel, of a model from inject_adapter_in_model, or the tuner itself."""
+    for tuner in (model, getattr(model, "base_model", None), model.__dict__.get(INJECTED_TUNER)):
+        if isinstance(tuner, LoraTuner):
+            return tuner
+    raise ValueError(f"model of type {type(model).__name__} is invalid: expected a peftlite LoraModel or a model "
+                     "returned by inject_adapter_in_model")
+
+
+def _key_prefix(model: nn.Module) -> str:
+    """PEFT's keys start `base_model.model.` for a PeftModel; a bare injected model's keys are its own paths."""
+    return "" if INJECTED_TUNER in model.__dict__ else PREFIX
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = None,
                               adapter_name: str = "default", unwrap_compiled: bool = False,
                               save_embedding_layers: bool | str = "auto") -> dict[str, Tensor]:
     """Adapter `adapter_name`'s tensors under PEFT's file keys (`base_model.model.<path>.lora_A.weight`)."""
-    tuner = tuner_of(getattr(model, "_orig_mod", model) if unwrap_compiled else model)
+    model = getattr(model, "_orig_mod", model) if unwrap_compiled else model
+    tuner = tuner_of(model)
     tuner.check_adapter(adapter_name)
-    return adapter_tensors(tuner.model, tuner.peft_config[adapter_name], adapter_name)
+    tensors = adapter_tensors(tuner.model, tuner.peft_config[adapter_name], adapter_name)
+    prefix = _key_prefix(model)
+    return tensors if prefix == PREFIX else {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
@@ -82,10 +105,16 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
             if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
                 module.modules_to_save[adapter_name].load_state_dict(state, strict=False)
         copy_base(changed, source)
-    missing = [f"{path}.{part}.{adapter_name}.weight"
+    if skipped:
+        warnings.warn(f"set_peft_model_state_dict: ignore_mismatched_sizes=True skipped {len(skipped)} modules whose "
+                      f"shapes differ from adapter {adapter_name!r}, e.g. {skipped[:3]}; they keep their weights",
+                      stacklevel=2)
+    prefix = _key_prefix(model)  # the keys as model.state_dict() names them, as PEFT reports them
+    missing = [f"{prefix}{path}.{part}.{adapter_name}.weight"
                for path, layer in _adapter_layers(tuner, adapter_name) if path not in weights
                for part in ("lora_A", "lora_B")]
-    return LoadResult(missing_keys=missing, unexpected_keys=[f"{path}.lora_A.weight" for path in unexpected])
+    return LoadResult(missing_keys=missing,
+                      unexpected_keys=[f"{prefix}{path}.lora_A.{adapter_name}.weight" for path in unexpected])
 
 
 def _adapter_layers(tuner: LoraTuner, adapter_name: str) -> list[tuple[str, LoraLayer]]:

@@ -16,11 +16,14 @@ from .embedding import Embedding
 from .linear import Linear, MergedLinear, linear_features
 from .mixed import Routing, active_routing
 from .modules_to_save import ModulesToSave
+from .param_wrapper import ParamWrapper
+from .quantized import QUANTIZED_TYPE_NAMES, QuantizedLinear, is_quantized_linear
 
 __all__ = [
     "AdapterState", "LoraAdapter", "LoraLayer", "RecordView", "Linear", "MergedLinear", "Embedding", "Conv",
     "Conv1d", "Conv2d", "Conv3d", "ModulesToSave", "Routing", "active_routing", "LORA_CLASSES", "make_lora_layer",
-    "is_supported", "linear_features", "LINEAR_TYPES",
+    "is_supported", "linear_features", "LINEAR_TYPES", "ParamWrapper", "QuantizedLinear",
+    "is_quantized_linear",
 ]
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear, Conv1D)
@@ -35,14 +38,14 @@ LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
 
 
 def is_supported(module: nn.Module) -> bool:
-    return type(module) in LORA_CLASSES
+    return type(module) in LORA_CLASSES or is_quantized_linear(module)
 
 
 def make_lora_layer(path: str, base: nn.Module, state: AdapterState, enable_lora: list[bool] | None) -> LoraLayer:
     """A new LoRA layer around `base` (at `path`, for messages); ValueError if its type takes no LoRA."""
-    lora_class = LORA_CLASSES.get(type(base))
+    lora_class = QuantizedLinear if is_quantized_linear(base) else LORA_CLASSES.get(type(base))
     if lora_class is None:
-        supported = sorted({t.__name__ for t in LORA_CLASSES})
+        supported = sorted({t.__name__ for t in LORA_CLASSES}) + list(QUANTIZED_TYPE_NAMES)
         raise ValueError(f"module {path!r} of type {type(base).__module__}.{type(base).__name__} cannot take "
                          f"LoRA: supported types are {supported}")
     if enable_lora is not None:

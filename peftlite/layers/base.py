@@ -17,7 +17,6 @@ applies and the model's `fast` switch is on.
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .gate import DISABLED, ModelLock
 from .mixed import active_routing, mixed_lora_forward
 
 if TYPE_CHECKING:
@@ -45,18 +45,27 @@ class AdapterState:
     """
 
     active: tuple[str, ...] = ()
-    disabled: bool = False
+    disabled_everywhere: bool = False  # disable_adapter_layers(); disable_adapter() is per thread (gate.py)
     merged_count: int = 0
     mixed_calls: list[object] = field(default_factory=list)
     fast: bool = True
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: ModelLock = field(default_factory=ModelLock)
+
+    @property
+    def disabled(self) -> bool:
+        """Adapters off for the call running in this thread: model-wide, or by this thread's disable_adapter()."""
+        return self.disabled_everywhere or self in DISABLED.get()
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self.disabled_everywhere = value
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (deepcopy, pickle) gets a lock of its own and no running calls."""
         return {**self.__dict__, "lock": None, "mixed_calls": []}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, lock=threading.RLock())
+        self.__dict__.update(state, lock=ModelLock())
 
 
 @dataclass(eq=False)
@@ -68,6 +77,7 @@ class LoraAdapter:
     scaling: float
     variant: "Variant"
     merge_weights: bool = False
+    lora_bias: bool = False  # B has a trainable bias (PEFT's lora_bias): lora_B[name].bias, merged into the base bias
 
 
 class RecordView(MutableMapping):
@@ -102,18 +112,18 @@ def _parameters_of(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:
 class LoraLayer(nn.Module):
     """A base layer plus LoRA adapters. Subclasses give the per-kind shapes and math."""
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
     base_layer: Any  # any module of a kind in layers.LORA_CLASSES; its attributes are that kind's
 
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()  # registered in PEFT's order, so named_modules() lists as PEFT's
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
         self.adapters: dict[str, LoraAdapter] = {}
         self.merged_adapters: list[str] = []  # merged into base_layer's weight, in merge order
         self.state = state
@@ -173,15 +183,21 @@ class LoraLayer(nn.Module):
         init=None leaves them uninitialised, for a loader that fills them right away.
         """
         self.factor_shapes(record.r)  # raises for a base this layer kind cannot adapt, before any change
+        if record.lora_bias and not self.takes_lora_bias():
+            raise ValueError(f"lora_bias=True is not supported on {type(self).__name__} over "
+                             f"{type(self.base_layer).__name__} (nor by PEFT): expected lora_bias=False")
         weight = self.base_weight_reference()
         device = device if device is not None else weight.device
         dtype = dtype if dtype is not None else weight.dtype
         self.create_factors(name, record.r, dtype, device)
+        if record.lora_bias:
+            rows = self.factors(name)[1].shape[0]
+            self.lora_B[name].register_parameter("bias", nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapters[name] = record
-        record.variant.create(self, name)
         if init is not None and device.type != "meta":
             self.init_factors(name, init)
+        record.variant.create(self, name)  # after init: DoRA's magnitude starts at ‖W + ΔW‖ of the initial A, B
 
     def delete_adapter(self, name: str) -> None:
         for container in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B,
@@ -206,6 +222,14 @@ class LoraLayer(nn.Module):
     def base_weight_reference(self) -> Tensor:
         """A tensor with the device and dtype adapters are made like (a quantized base overrides it)."""
         return self.base_layer.weight
+
+    def merge_target(self) -> Tensor:
+        """The tensor merge folds updates into (a parameter wrapper: its parameter)."""
+        return self.base_layer.weight
+
+    def config_key(self, path: str) -> str:
+        """The name rank_pattern/alpha_pattern match for this layer at `path` (a parameter wrapper adds its name)."""
+        return path
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -241,7 +265,11 @@ class LoraLayer(nn.Module):
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"adapters {already!r} are already merged; merging them again is skipped", stacklevel=2)
-        weight = self.base_layer.weight
+        biased = [n for n in names if self.lora_bias_delta(n) is not None]
+        if biased and getattr(self.base_layer, "bias", None) is None:
+            raise ValueError(f"adapters {biased!r} have lora_bias=True but {type(self.base_layer).__name__} has no "
+                             "bias to merge it into: expected a base layer with a bias (PEFT refuses this too)")
+        weight = self.merge_target()
         with torch.no_grad():
             for name in names:
                 if name in already:
@@ -251,16 +279,22 @@ class LoraLayer(nn.Module):
                     raise ValueError(f"merging adapter {name!r} would put NaN or Inf into "
                                      f"{type(self.base_layer).__name__}'s weight; nothing merged here")
                 weight.copy_(new)
+                bias_delta = self.lora_bias_delta(name)
+                if bias_delta is not None:
+                    self.base_layer.bias.add_(bias_delta.to(self.base_layer.bias.dtype))
                 self.merged_adapters.append(name)
                 self.state.merged_count += 1
 
     def unmerge(self) -> None:
         """Take every merged update out again, last merged first."""
-        weight = self.base_layer.weight
+        weight = self.merge_target()
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 weight.copy_(self.adapters[name].variant.unmerged_weight(self, name, weight))
+                bias_delta = self.lora_bias_delta(name)
+                if bias_delta is not None:
+                    self.base_layer.bias.sub_(bias_delta.to(self.base_layer.bias.dtype))
                 self.state.merged_count -= 1
 
     def train(self, mode: bool = True) -> "LoraLayer":
@@ -320,6 +354,16 @@ class LoraLayer(nn.Module):
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of (A, B) at rank r; raises ValueError if this base cannot take LoRA."""
         raise NotImplementedError
+
+    def takes_lora_bias(self) -> bool:
+        """Whether B may carry a bias (lora_bias=True): where lora_B[name] is a module with one, as in PEFT."""
+        return False
+
+    def lora_bias_delta(self, name: str) -> Tensor | None:
+        """What adapter `name` adds to the base bias (B's bias · s), or None without lora_bias."""
+        module_B = self.lora_B[name] if name in self.lora_B else None
+        bias = getattr(module_B, "bias", None)
+        return None if bias is None else bias * self.adapters[name].scaling
 
     def stacks_in_mixed_batch(self) -> bool:
         """Whether a mixed batch may stack every sample's (A, B) into one bmm pair (mixed.py)."""

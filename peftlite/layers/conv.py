@@ -38,7 +38,13 @@ class Conv(LoraLayer):
                                                device=device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
+        if init not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights={init!r} is not supported on {type(self.base_layer).__name__} "
+                             "(nor by PEFT): expected True, False or 'gaussian' for convolutions")
         LF.init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, init)
+
+    def takes_lora_bias(self) -> bool:
+        return True
 
     def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
         return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
@@ -55,7 +61,7 @@ class Conv(LoraLayer):
         """One fused node (peftlite.fast.conv) for a plain zero-padded Conv2d."""
         lora_A, lora_B = self.factors(name)
         record, base = self.adapters[name], self.base_layer
-        if record.variant.name != "lora" or not fast.conv2d_applies(base, x, lora_A, lora_B):
+        if record.variant.name != "lora" or record.lora_bias or not fast.conv2d_applies(base, x, lora_A, lora_B):
             return None
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0

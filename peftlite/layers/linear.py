@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .. import fast
+from .. import fast, inits
 from .. import functional as LF
 from .base import AdapterState, LoraLayer
 
@@ -42,7 +42,32 @@ class Linear(LoraLayer):
         self.lora_B[name] = nn.utils.skip_init(nn.Linear, rank_B, out_B, bias=False, dtype=dtype, device=device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
-        LF.init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, init)
+        """PEFT's inits; PiSSA/OLoRA also replace the base weight by its residual (W − s·B·A)."""
+        lora_A, lora_B = self.factors(name)
+        record, weight = self.adapters[name], self.weight
+        if init in ("orthogonal", "pissa", "olora") or inits.mutates_base(init):
+            if type(self) is not Linear or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ValueError(f"init_lora_weights={init!r} needs a float nn.Linear or Conv1D base (as in PEFT), "
+                                 f"got {type(self).__name__} over {type(self.base_layer).__name__} {weight.dtype}")
+        with torch.no_grad():
+            if init == "orthogonal":
+                start_A, start_B = inits.orthogonal(record.r, self.in_features, self.out_features)
+                lora_A.copy_(start_A.to(weight.dtype))
+                lora_B.copy_(start_B.to(weight.dtype))
+            elif inits.mutates_base(init):
+                oriented = weight.float().T if self.fan_in_fan_out else weight.float()  # (out, in)
+                start_A, start_B, residual = inits.data_init(str(init), oriented, record.r, record.scaling)
+                lora_A.copy_(start_A)
+                lora_B.copy_(start_B)
+                weight.copy_(residual.T if self.fan_in_fan_out else residual)
+            else:
+                LF.init_lora_pair(lora_A, lora_B, init)
+            bias = getattr(self.lora_B[name], "bias", None)
+            if bias is not None and init is False:  # nn.Linear's own bias init, as PEFT leaves it
+                nn.init.uniform_(bias, -record.r ** -0.5, record.r ** -0.5)
+
+    def takes_lora_bias(self) -> bool:
+        return type(self) is Linear
 
     def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
         return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
@@ -55,13 +80,15 @@ class Linear(LoraLayer):
         return LF.linear_delta_weight(lora_A, lora_B, self.adapters[name].scaling, self.fan_in_fan_out)
 
     def stacks_in_mixed_batch(self) -> bool:
-        return True
+        return not any(record.lora_bias for record in self.adapters.values())
 
     def fast_forward(self, x: Tensor, name: str) -> Tensor | None:
         """One fused node (peftlite.fast.linear): x saved once, dropout kept as bits, B·A added in the GEMM."""
         lora_A, lora_B = self.factors(name)
         record = self.adapters[name]
-        if record.variant.name != "lora" or not fast.linear_applies(self.base_layer, x, lora_A, lora_B):
+        if record.variant.name != "lora":
+            return record.variant.fast_forward(self, name, x)
+        if record.lora_bias or not fast.linear_applies(self.base_layer, x, lora_A, lora_B):
             return None
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0

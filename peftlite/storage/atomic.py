@@ -7,6 +7,7 @@ outright leaves temporary files that the next save in that directory removes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -35,6 +36,13 @@ def write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str,
     `atomic_write_all` cannot recognise as its own.
     """
     data = safetensors_bytes(tensors, metadata=metadata)
+    if metadata and len(metadata) > 1:  # safetensors orders metadata at random: sort it, same bytes every save
+        size = int.from_bytes(data[:8], "little")
+        header = data[8:8 + size].decode("utf-8")
+        shuffled = json.dumps(json.loads(header)["__metadata__"], separators=(",", ":"))
+        ordered = json.dumps(dict(sorted(metadata.items())), separators=(",", ":"))
+        if len(shuffled) == len(ordered) and shuffled in header:
+            data = data[:8] + header.replace(shuffled, ordered, 1).encode("utf-8") + data[8 + size:]
     with open(path, "wb") as f:
         f.write(data)
 
@@ -90,3 +98,95 @@ def _remove_orphans(directory: Path, names: list[str]) -> None:
                         os.remove(entry.path)
                 except OSError:  # alive but not ours (PermissionError): leave it
                     pass
+
+
+# ---- several files in several directories, all at once ---------------------------------------------
+JOURNAL_PREFIX = ".peftlite-save."
+
+
+def atomic_write_tree(root: Path, plan: list[tuple[Path, dict[str, Callable[[str], None]]]]) -> None:
+    """Write files in `root` and its subfolders so that the tree changes all at once, or not at all.
+
+    Every file is staged beside its target and fsynced (out of disk: nothing has
+    changed). Then a journal listing every (staged, target) pair is renamed into
+    `root`: that rename is the commit. Then each staged file is renamed over its
+    target and the journal removed. Killed before the commit, the old files stand
+    (staged ones are removed later); killed after it, the next save or load in
+    `root` finishes the renames (`finish_interrupted`).
+    """
+    finish_interrupted(root)
+    tag = f"{os.getpid()}.{uuid.uuid4().hex}"
+    staged: list[tuple[Path, Path]] = []
+    journal = root / f"{JOURNAL_PREFIX}{tag}.journal"
+    pending = root / f"{JOURNAL_PREFIX}journal.{tag}.staged"
+    committed = False
+    try:
+        for directory, writers in plan:
+            _remove_orphans(directory, list(writers))
+            for name, write in writers.items():
+                staged.append((directory / f".{name}.{tag}.staged", directory / name))
+                write(str(staged[-1][0]))
+                _fsync(staged[-1][0])
+        entries = [[os.path.relpath(tmp, root), os.path.relpath(target, root)] for tmp, target in staged]
+        text_writer(json.dumps(entries))(str(pending))
+        _fsync(pending)
+        os.replace(pending, journal)
+        committed = True
+        _roll_forward(root, journal)
+    finally:
+        if not committed and not journal.exists():
+            for path in [pending, *(tmp for tmp, _ in staged)]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+
+def finish_interrupted(root: str | os.PathLike) -> None:
+    """Complete every committed save in `root` that was interrupted; remove files staged by dead saves.
+
+    Safe beside a save still running: staged names are unique, so a rename done twice is done once.
+    OSError when the directory cannot be written (an interrupted save there cannot be finished).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return
+    directories = [root, *(Path(e.path) for e in os.scandir(root) if e.is_dir(follow_symlinks=False))]
+    for directory in directories:  # every journal first: a subfolder may be the root of its own save
+        for entry in os.scandir(directory):
+            if entry.name.startswith(JOURNAL_PREFIX) and entry.name.endswith(".journal"):
+                _roll_forward(directory, Path(entry.path))
+    for directory in directories:
+        for entry in os.scandir(directory):
+            if entry.name.endswith(".staged") and not _alive(entry.name.rsplit(".", 3)[-3]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+
+
+def _roll_forward(root: Path, journal: Path) -> None:
+    try:
+        with open(journal, encoding="utf-8") as f:
+            entries = json.load(f)
+    except FileNotFoundError:  # finished meanwhile by its own save
+        return
+    for tmp, target in entries:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(root / tmp, root / target)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(journal)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` may still be running (anything unreadable counts as alive)."""
+    if os.name != "posix" or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -1,6 +1,7 @@
 """The tuner layer: finding targets, injecting adapters, and PEFT's `LoraModel` (here `LoraTuner`)."""
 
-from .inject import Plan, lora_layers, plan_adapter, plan_layers, saved_modules
+from ..layers.walk import lora_layers, saved_modules
+from .inject import Plan, plan_adapter, plan_layers
 from .targets import find_modules_to_save, find_targets
 from .tuner import LoraTuner, batch_size_of, fast_path_default
 

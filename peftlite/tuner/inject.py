@@ -24,6 +24,7 @@ from ..layers import (
     make_lora_layer,
 )
 from ..variants import variant_for
+from .parameters import find_target_parameters, plan_parameter_layers
 from .targets import find_modules_to_save, find_targets
 
 
@@ -42,19 +43,17 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, child, new)
 
 
-def lora_layers(root: nn.Module) -> list[tuple[str, LoraLayer]]:
-    return [(path, m) for path, m in root.named_modules() if isinstance(m, LoraLayer)]
-
-
-def saved_modules(root: nn.Module) -> list[tuple[str, ModulesToSave]]:
-    return [(path, m) for path, m in root.named_modules() if isinstance(m, ModulesToSave)]
-
-
 def plan_layers(model: nn.Module, state: AdapterState, config: LoraConfig, paths: list[str]
                 ) -> list[tuple[str, nn.Module, LoraLayer]]:
-    """(path, current module, LoRA layer to hold the adapter) per path; raises, changes nothing."""
+    """(path, current module, LoRA layer to hold the adapter) per path; raises, changes nothing.
+
+    A path may name a parameter (`<module path>.<parameter>`, target_parameters): its
+    wrapper is planned by tuner/parameters.py and held at the module's path.
+    """
+    parameters = [t for t in find_target_parameters(model, config) if f"{t[0]}.{t[1]}" in paths]
+    keys = {f"{path}.{name}" for path, name in parameters}
     layers = []
-    for path in paths:
+    for path in (p for p in paths if p not in keys):
         module = model.get_submodule(path)
         if isinstance(module, LoraLayer):
             existing = getattr(module, "enable_lora", None)
@@ -69,7 +68,7 @@ def plan_layers(model: nn.Module, state: AdapterState, config: LoraConfig, paths
                               "is out × in, as PEFT does", stacklevel=4)
         layer.factor_shapes(config.rank_for(path))
         layers.append((path, module, layer))
-    return layers
+    return layers + plan_parameter_layers(model, state, config, parameters)
 
 
 def plan_adapter(model: nn.Module, state: AdapterState, adapter_name: str, config: LoraConfig,
@@ -85,9 +84,10 @@ def plan_adapter(model: nn.Module, state: AdapterState, adapter_name: str, confi
                              "without LoRA (delete the adapters on it first)")
     # As in PEFT, a module trained in full (modules_to_save) takes no LoRA of its own.
     targets = [p for p in find_targets(model, config) if not any(p == s or p.startswith(s + ".") for s in saved)]
-    if not targets:
+    if not targets and not config.target_parameters:
         raise ValueError(f"target_modules={config.target_modules!r} selects only modules in modules_to_save "
                          f"{saved!r}: expected at least one other module")
+    targets += [f"{path}.{name}" for path, name in find_target_parameters(model, config)]
     return Plan(adapter_name, config, plan_layers(model, state, config, targets), saved)
 
 
@@ -130,13 +130,14 @@ def _apply(model: nn.Module, state: AdapterState, plan: Plan, init: bool | str |
             layer.training = module.training  # a new wrapper keeps its base's mode: no dropout in eval
             replace_module(model, path, layer)
         base_weight = layer.base_weight_reference()
-        record = LoraAdapter(config.rank_for(path), config.alpha_for(path), config.scaling_for(path), variant,
-                             config.merge_weights)
+        key = layer.config_key(path)
+        record = LoraAdapter(config.rank_for(key), config.alpha_for(key), config.scaling_for(key), variant,
+                             config.merge_weights, config.lora_bias)
         layer.add_adapter(name, record, config.lora_dropout, init,
                           dtype=adapter_dtype(base_weight.dtype, autocast_adapter_dtype),
                           device=torch.device("meta") if low_cpu_mem_usage else None)
         for container in (layer.lora_A, layer.lora_B, layer.lora_embedding_A, layer.lora_embedding_B,
-                          layer.lora_dropout):
+                          layer.lora_dropout, getattr(layer, "lora_magnitude_vector", {})):
             if name in container:
                 container[name].requires_grad_(trainable)
                 if isinstance(container[name], nn.Module):
@@ -162,7 +163,7 @@ def _apply(model: nn.Module, state: AdapterState, plan: Plan, init: bool | str |
 def _undo(model: nn.Module, plan: Plan, wrapped: set[str], trainable: list[tuple[nn.Parameter, bool]]) -> None:
     """Take back a partial `_apply`: adapters, new wrappers, requires_grad flags."""
     name = plan.adapter_name
-    for path, module, layer in plan.layers:
+    for path, module, layer in reversed(plan.layers):  # nested wrappers at one path come off outermost first
         layer.delete_adapter(name)
         if layer is not module and model.get_submodule(path) is layer:
             replace_module(model, path, module)

@@ -14,7 +14,7 @@ import warnings
 from torch import nn
 
 from ..config import LoraConfig
-from ..layers import LINEAR_TYPES, LoraLayer, is_supported
+from ..layers import LINEAR_TYPES, LoraLayer, is_quantized_linear, is_supported
 
 # PEFT's defaults for target_modules=None, by transformers `model_type`.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -111,6 +111,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
     Raises ValueError when the selection matches nothing, listing the candidates.
     """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config.target_parameters and (config.target_modules == [] or (config.target_modules is None
+                                                                     and model_type not in DEFAULT_TARGETS)):
+        return []  # PEFT: target_parameters alone, no module targets
     selector = config.target_modules if config.target_modules is not None else default_targets(model)
     heads = output_head_names(model) if selector == "all-linear" else set()
     found = []
@@ -119,7 +123,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         base = base_of(module)
         if selector == "all-linear":
-            if type(base) not in LINEAR_TYPES or path in heads:
+            if (type(base) not in LINEAR_TYPES and not is_quantized_linear(base)) or path in heads:
                 continue
         elif not matches(path, selector):
             continue

@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 
 from ..config import BASE_NAME, LoraConfig, check_adapter_name
 from ..layers import AdapterState, LoraLayer, ModulesToSave, Routing
+from ..layers.gate import DISABLED
 from ..layers.mixed import ROUTING
+from ..layers.walk import lora_layers, saved_modules
 from .combine import add_weighted_adapter
-from .inject import install, lora_layers, plan_adapter, replace_module, saved_modules
+from .inject import install, plan_adapter, replace_module
 
 
 def fast_path_default() -> bool:
@@ -70,17 +72,22 @@ class LoraTuner(nn.Module):
 
     # ---- running ---------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """Run the model; `adapter_names` (one per sample, "__base__" = none) mixes adapters in one batch."""
-        if adapter_names is None:
-            return self.model(*args, **kwargs)
-        with self.mixed_adapters(adapter_names, batch_size_of(args, kwargs)):
-            return self.model(*args, **kwargs)
+        """Run the model; `adapter_names` (one per sample, "__base__" = none) mixes adapters in one batch.
+
+        Runs beside other threads' forwards; a model change waits for it (layers/gate.py).
+        """
+        with self.adapter_state.lock.running():
+            if adapter_names is None:
+                return self.model(*args, **kwargs)
+            with self.mixed_adapters(adapter_names, batch_size_of(args, kwargs)):
+                return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        if adapter_names is None:
-            return self.model.generate(*args, **kwargs)
-        with self.mixed_adapters(adapter_names, batch_size_of(args, kwargs)):
-            return self.model.generate(*args, **kwargs)
+        with self.adapter_state.lock.running():
+            if adapter_names is None:
+                return self.model.generate(*args, **kwargs)
+            with self.mixed_adapters(adapter_names, batch_size_of(args, kwargs)):
+                return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
     def mixed_adapters(self, adapter_names: Sequence[str], batch_size: int | None = None) -> Iterator[Routing]:
@@ -214,7 +221,8 @@ class LoraTuner(nn.Module):
                 state.active = rest or tuple(list(self.peft_config)[:1])
 
     def enable_adapter_layers(self) -> None:
-        self.adapter_state.disabled = False
+        with self.adapter_state.lock:
+            self.adapter_state.disabled = False
 
     def disable_adapter_layers(self) -> None:
         """Adapters off until enable_adapter_layers(); merged adapters are unmerged first, as in PEFT."""
@@ -226,15 +234,18 @@ class LoraTuner(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model behaves as the base model; merged adapters are unmerged and restored."""
-        merged = self.merged_adapters()
-        previous = self.adapter_state.disabled
-        self.unmerge_adapter()
-        self.adapter_state.disabled = True
+        """Inside the block this thread's calls run the base model; merged adapters are unmerged and restored.
+
+        Per thread (and asyncio task), as a mixed batch's routing: other threads keep their adapters.
+        """
+        with self.adapter_state.lock:
+            merged = self.merged_adapters()
+            self.unmerge_adapter()
+            token = DISABLED.set(DISABLED.get() | {self.adapter_state})
         try:
             yield
         finally:
-            self.adapter_state.disabled = previous
+            DISABLED.reset(token)
             if merged:
                 self.merge_adapter(merged)
 
@@ -275,7 +286,7 @@ class LoraTuner(nn.Module):
 
     def _check_finite_merge(self, layers: list[LoraLayer], names: list[str]) -> None:
         for layer in layers:
-            weight = layer.base_layer.weight.detach()
+            weight = layer.merge_target().detach()
             for name in names:
                 if name in layer.adapters:
                     weight = layer.adapters[name].variant.merged_weight(layer, name, weight)
@@ -314,7 +325,12 @@ class LoraTuner(nn.Module):
 
     def _unwrap(self, keep_saved_copy: bool) -> nn.Module:
         for path, layer in self.lora_layers():
-            replace_module(self.model, path, layer.base_layer)
+            if path.rpartition(".")[2] == "base_layer":
+                continue  # a nested parameter wrapper: its outermost wrapper is replaced by the module
+            base = layer.base_layer
+            while isinstance(base, LoraLayer):
+                base = base.base_layer
+            replace_module(self.model, path, base)
         for path, module in self.saved_modules():
             replace_module(self.model, path, module.active_module() if keep_saved_copy else module.original_module)
         self.adapter_state.merged_count = 0

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from torch import Tensor
 
 from ..config import LoraConfig
+from .dora import DORA
 from .lora import PLAIN_LORA
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ class Variant(Protocol):
     def forward(self, layer: "LoraLayer", adapter: str, x: Tensor, result: Tensor) -> Tensor:
         """The layer's output with this adapter, given its input x and the output so far."""
 
+    def fast_forward(self, layer: "LoraLayer", adapter: str, x: Tensor) -> Tensor | None:
+        """The layer's whole output as one fused computation (peftlite.fast), or None where none applies."""
+
     def merged_weight(self, layer: "LoraLayer", adapter: str, weight: Tensor) -> Tensor:
         """The base weight with this adapter folded in (a new tensor)."""
 
@@ -44,4 +48,4 @@ class Variant(Protocol):
 
 def variant_for(config: LoraConfig) -> Variant:
     """The variant an adapter with `config` uses."""
-    return PLAIN_LORA
+    return DORA if config.use_dora else PLAIN_LORA

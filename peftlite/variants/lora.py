@@ -26,6 +26,9 @@ class PlainLora:
     def forward(self, layer: "LoraLayer", adapter: str, x: Tensor, result: Tensor) -> Tensor:
         return result + layer.lora_term(x, adapter).to(result.dtype)
 
+    def fast_forward(self, layer: "LoraLayer", adapter: str, x: Tensor) -> Tensor | None:
+        return None  # each layer kind runs plain LoRA's fused path itself (layer.fast_forward)
+
     def merged_weight(self, layer: "LoraLayer", adapter: str, weight: Tensor) -> Tensor:
         return weight + layer.delta_weight(adapter).to(weight.dtype)
 

@@ -1,0 +1,221 @@
+"""LoRA on a parameter rather than a module: PEFT's `target_parameters`, made for MoE experts.
+
+transformers 5 keeps an MoE layer's experts as 3-D parameters of one module:
+Mixtral's `experts.gate_up_proj` is (E, 2·inter, d) and `experts.down_proj`
+(E, d, inter), i.e. (E, out, in) per expert; GPT-OSS stores them transposed,
+(E, in, out) (`experts.is_transposed`). As PEFT 0.21's ParamWrapper, one
+wrapper adds per expert e a rank-r pair to one such parameter:
+
+    lora_A[name]: nn.Linear(in, E·r), weight (E·r, in): rows e·r … e·r+r−1 are A_e (r, in)
+    lora_B[name]: nn.Linear(E·r, out), weight (out, E·r): columns e, E+e, 2E+e, … are B_e (out, r)
+    ΔW_e = B_e @ A_e · s, (out, in), transposed for an (E, in, out) parameter.
+
+A 2-D parameter (out, in) is one expert. Several parameters of one module
+nest as in PEFT, one wrapper each, the one registered last outermost, so the
+in-memory names and file keys are PEFT's (`experts.base_layer.lora_A.weight`
+is gate_up_proj's when down_proj is targeted too).
+
+Forward. PEFT adds every expert's ΔW to the parameter on every call, then
+runs the module. Here the outermost wrapper of a chain runs a transformers
+experts module (`@use_experts_implementation`) itself: tokens are sorted by
+expert, and expert e's rows x get x W_eᵀ + s·(x A_eᵀ) B_eᵀ, so only routed
+tokens pay for low-rank terms, no ΔW is ever formed, and no gradient of the
+frozen W is computed. Any other module (or with the fast switch off) runs with
+W + ΔW substituted for the one call (torch.func.functional_call): PEFT's math.
+Dropout cannot be factored out of W + ΔW, so PEFT refuses it; so do we.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .base import AdapterState, LoraLayer
+from .mixed import active_routing
+
+# The parameters a transformers experts module's own forward reads, by role.
+EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+class ParamWrapper(LoraLayer):
+    """LoRA on `getattr(module, parameter_name)` of the innermost wrapped module (2-D or 3-D)."""
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState, parameter_name: str) -> None:
+        super().__init__(base_layer, state)
+        self.parameter_name = parameter_name
+        param = getattr(self.get_base_layer(), parameter_name, None)
+        if not isinstance(param, nn.Parameter) or param.dim() not in (2, 3):
+            raise ValueError(f"parameter {parameter_name!r} of {type(self.get_base_layer()).__name__} cannot take "
+                             f"LoRA: expected a 2-D or 3-D nn.Parameter, got {type(param).__name__}"
+                             + (f" of shape {tuple(param.shape)}" if isinstance(param, Tensor) else ""))
+        self.is_transposed = param.dim() == 3 and bool(getattr(self.get_base_layer(), "is_transposed", False))
+        if param.dim() == 2:
+            self.num_experts, (self.out_features, self.in_features) = 1, tuple(param.shape)
+        elif self.is_transposed:
+            self.num_experts, self.in_features, self.out_features = tuple(param.shape)
+        else:
+            self.num_experts, self.out_features, self.in_features = tuple(param.shape)
+
+    def get_base_layer(self) -> nn.Module:
+        """The module that owns the parameter, under any nested wrappers."""
+        module = self.base_layer
+        while isinstance(module, ParamWrapper):
+            module = module.base_layer
+        return module
+
+    def get_param(self) -> nn.Parameter:
+        return getattr(self.get_base_layer(), self.parameter_name)
+
+    def config_key(self, path: str) -> str:
+        """`<module path>.<parameter>`, PEFT's key for rank_pattern (a nested wrapper's ".base_layer"s dropped)."""
+        while path.endswith(".base_layer"):
+            path = path[:-len(".base_layer")]
+        return f"{path}.{self.parameter_name}"
+
+    def base_weight_reference(self) -> Tensor:
+        return self.get_param()
+
+    def merge_target(self) -> Tensor:
+        return self.get_param()
+
+    @property
+    def weight(self) -> Tensor:
+        return self.get_param()
+
+    @property
+    def bias(self) -> None:
+        return None
+
+    # ---- factors ---------------------------------------------------------------------------------
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (self.num_experts * r, self.in_features), (self.out_features, self.num_experts * r)
+
+    def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        (rank_A, in_A), (out_B, rank_B) = self.factor_shapes(r)
+        self.lora_A[name] = nn.utils.skip_init(nn.Linear, in_A, rank_A, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.utils.skip_init(nn.Linear, rank_B, out_B, bias=False, dtype=dtype, device=device)
+
+    def init_factors(self, name: str, init: bool | str) -> None:
+        """PEFT's init of its nn.Linear factors; "gaussian" uses std 1/r (r per expert), as PEFT does."""
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(lora_A, std=1 / self.adapters[name].r)
+            else:
+                nn.init.kaiming_uniform_(lora_A, a=5 ** 0.5)
+            if init is False:
+                nn.init.kaiming_uniform_(lora_B, a=5 ** 0.5)
+            else:
+                nn.init.zeros_(lora_B)
+
+    def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
+        return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
+
+    def per_expert(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A (E, r, in), B (E, out, r)) of adapter `name`: views of PEFT's layout."""
+        lora_A, lora_B = self.factors(name)
+        experts = self.num_experts
+        return (lora_A.view(experts, -1, lora_A.shape[-1]),
+                lora_B.view(lora_B.shape[0], -1, experts).permute(2, 0, 1))
+
+    def delta_weight(self, name: str) -> Tensor:
+        """ΔW shaped like the parameter: (E, out, in), (E, in, out) if transposed, (out, in) for 2-D."""
+        lora_A, lora_B = self.per_expert(name)
+        delta = torch.bmm(lora_B, lora_A) * self.adapters[name].scaling  # (E, out, in)
+        if self.get_param().dim() == 2:
+            return delta[0]
+        return delta.transpose(1, 2) if self.is_transposed else delta
+
+    def lora_term(self, x: Tensor, name: str) -> Tensor:
+        raise ValueError(f"LoRA on parameter {self.parameter_name!r} has no separate output term: it changes "
+                         "the parameter the module computes with")
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def chain(self) -> list["ParamWrapper"]:
+        """This wrapper and the ones nested in it, outermost first."""
+        wrappers: list[ParamWrapper] = [self]
+        while isinstance(wrappers[-1].base_layer, ParamWrapper):
+            wrappers.append(wrappers[-1].base_layer)
+        return wrappers
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if active_routing(self.state) is not None:
+            raise ValueError(f"LoRA on parameter {self.parameter_name!r} (target_parameters) takes no "
+                             "mixed-adapter batches, as in PEFT: call the model without adapter_names")
+        running = {w.parameter_name: (w, w.running_adapters()) for w in self.chain()}
+        running = {param: (w, names) for param, (w, names) in running.items() if names}
+        module = self.get_base_layer()
+        if not running:
+            return module(x, *args, **kwargs)
+        if self.state.fast and routes_itself(module, running, args, kwargs):
+            terms = {param: [(*w.per_expert(n), w.adapters[n].scaling) for n in names]
+                     for param, (w, names) in running.items()}
+            return routed_experts_forward(module, x, args[0], args[1], terms)
+        weights = {}
+        for param, (w, names) in running.items():
+            value = w.get_param()
+            for name in names:
+                value = value + w.delta_weight(name).to(value.dtype)
+            weights[param] = value
+        return functional_call(module, weights, (x, *args), kwargs)
+
+
+def routes_itself(module: nn.Module, running: dict, args: tuple, kwargs: dict) -> bool:
+    """Whether `module` is a transformers experts module called as (hidden, top_k_index, top_k_weights)."""
+    return (all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts", "_apply_gate"))
+            and not getattr(module, "_is_expert_parallel", False) and len(args) == 2 and not kwargs
+            and all(param in EXPERT_PARAMETERS for param in running))
+
+
+Terms = list[tuple[Tensor, Tensor, float]]  # per running adapter: A (E, r, in), B (E, out, r), s
+
+
+def routed_experts_forward(experts: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                           terms: dict[str, Terms]) -> Tensor:
+    """transformers' experts forward with LoRA on the routed tokens only.
+
+    hidden (T, d), top_k_index and top_k_weights (T, k). The T·k (token, expert)
+    pairs are sorted by expert, each expert's rows go through its up (or
+    gate_up) projection, the module's gate, its down projection, then are
+    weighted and summed back per token: the algorithm of transformers'
+    grouped_mm implementation, written with one matmul per hit expert.
+    """
+    top_k = top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)  # (S,), S = T·k
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=experts.num_experts).tolist()
+    rows = hidden[order // top_k]  # (S, d), grouped by expert
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    h = _experts_linear(experts, up, rows, counts, terms.get(up, []))
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    out = _experts_linear(experts, "down_proj", h, counts, terms.get("down_proj", []))
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    out = out * top_k_weights.reshape(-1)[order, None]
+    unsorted = torch.empty_like(out).index_copy(0, order, out)  # (S, d) in (token, k) order
+    return unsorted.view(-1, top_k, out.shape[-1]).sum(dim=1).to(hidden.dtype)
+
+
+def _experts_linear(experts: nn.Module, name: str, rows: Tensor, counts: list[int], terms: Terms) -> Tensor:
+    """Expert e's rows times its weight (+ bias) + Σ s·(rows A_eᵀ) B_eᵀ: (S, in) -> (S, out)."""
+    weight = getattr(experts, name)  # (E, out, in), or (E, in, out) when transposed
+    bias = getattr(experts, name + "_bias") if experts.has_bias else None
+    parts = []
+    for e, chunk in enumerate(rows.split(counts)):
+        if not len(chunk):
+            continue
+        part = chunk @ weight[e] if experts.is_transposed else F.linear(chunk, weight[e])
+        if bias is not None:
+            part = part + bias[e]
+        for lora_A, lora_B, scaling in terms:
+            low = F.linear(F.linear(chunk.to(lora_A.dtype), lora_A[e]), lora_B[e])
+            part = part + (low * scaling).to(part.dtype)
+        parts.append(part)
+    if not parts:
+        width = weight.shape[-1] if experts.is_transposed else weight.shape[-2]
+        return rows.new_zeros(0, width)
+    return torch.cat(parts)

@@ -1,0 +1,41 @@
+"""The one walk over a model's modules that every model-wide operation uses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from .base import LoraLayer
+from .modules_to_save import ModulesToSave
+
+
+def walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) like named_modules, but not into LoRA layers or ModulesToSave.
+
+    Their children are adapters and trained copies, so stopping there keeps every
+    walk's cost independent of how many adapters are loaded.
+    """
+    seen: set[int] = set()
+    stack = [("", root)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            if isinstance(module, LoraLayer) and isinstance(module.base_layer, LoraLayer):
+                stack.append((f"{path}.base_layer", module.base_layer))  # nested parameter wrappers
+            continue
+        children = [(f"{path}.{name}" if path else name, child)
+                    for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
+
+
+def lora_layers(root: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(path, m) for path, m in walk(root) if isinstance(m, LoraLayer)]
+
+
+def saved_modules(root: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(path, m) for path, m in walk(root) if isinstance(m, ModulesToSave)]

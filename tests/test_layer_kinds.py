@@ -1,0 +1,261 @@
+"""Layer kinds beyond Linear, against the real `peft` 0.21.2 (and loralib), both directions.
+
+MoE experts through `target_parameters` (Mixtral, Qwen3-MoE, GPT-OSS), nn.Conv1d /
+nn.Conv3d, nn.MultiheadAttention, `trainable_token_indices`, and loralib-era fused-QKV
+files. Each case gives both libraries the same weights and compares outputs, gradients,
+merged weights and saved files.
+
+    .venv/bin/python -m pytest -q -x tests/test_layer_kinds.py -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel
+from peft import get_peft_model as peft_get_peft_model
+from safetensors.torch import load_file
+from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from peftlite import LoraConfig, LoraModel, get_peft_model
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+# ---- tiny MoE models: distinct d, inter, E so a transposed factor cannot pass ----------------------
+def tiny_mixtral(seed: int = 0) -> MixtralForCausalLM:
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(MixtralConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, num_local_experts=4, num_experts_per_tok=2)).eval()
+
+
+def tiny_qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=40, moe_intermediate_size=24, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, num_experts=5, num_experts_per_tok=2)).eval()
+
+
+def tiny_gpt_oss(seed: int = 0) -> GptOssForCausalLM:
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(GptOssConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)).eval()
+    with torch.no_grad():  # transformers leaves GPT-OSS expert biases at zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("_bias"):
+                param.normal_(0, 0.1)
+    return model
+
+
+MOE_MODELS = {"mixtral": tiny_mixtral, "qwen3_moe": tiny_qwen3_moe, "gpt_oss": tiny_gpt_oss}
+
+
+def ids(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def moe_fields(**extra) -> dict:
+    return {**dict(r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=list(EXPERTS),
+                   init_lora_weights=False), **extra}
+
+
+def copy_lora_by_name(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Give `target` the LoRA tensors of `source` (both keep PEFT's in-memory names)."""
+    values = {n: p for n, p in source.named_parameters() if "lora_" in n}
+    own = {n: p for n, p in target.named_parameters() if "lora_" in n}
+    assert own.keys() == values.keys()
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(values[name])
+
+
+def pair(factory, fields: dict) -> tuple:
+    """(PEFT model, peftlite model) of the same base with the same LoRA weights."""
+    reference = peft_get_peft_model(factory(), PeftLoraConfig(**fields))
+    ours = get_peft_model(factory(), LoraConfig(**fields))
+    copy_lora_by_name(reference, ours)
+    return reference, ours
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+# ---- MoE experts (target_parameters) ---------------------------------------------------------------
+@pytest.mark.parametrize("arch", list(MOE_MODELS))
+@pytest.mark.parametrize("fast", [True, False], ids=["routed", "reference"])
+def test_moe_outputs_match_peft(arch, fast):
+    reference, ours = pair(MOE_MODELS[arch], moe_fields())
+    ours.base_model.adapter_state.fast = fast
+    base = logits(MOE_MODELS[arch](), ids())
+    expected = logits(reference, ids())
+    assert not torch.allclose(expected, base, atol=1e-3)  # the adapter changes the output
+    torch.testing.assert_close(logits(ours, ids()), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(MOE_MODELS))
+def test_moe_training_grads_match_peft(arch):
+    reference, ours = pair(MOE_MODELS[arch], moe_fields())
+    grads = []
+    for model in (reference, ours):
+        model.train()
+        tokens = ids(seed=3)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any("experts" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", list(MOE_MODELS))
+def test_moe_merge_unmerge_and_unload(arch):
+    reference, ours = pair(MOE_MODELS[arch], moe_fields())
+    expected = logits(ours, ids())
+    ours.merge_adapter()
+    torch.testing.assert_close(logits(ours, ids()), expected, atol=1e-5, rtol=1e-4)
+    reference.merge_adapter()
+    experts = "base_model.model.model.layers.1.mlp.experts"
+    for param in ("gate_up_proj", "down_proj"):
+        ref_param = dict(reference.named_parameters())[f"{experts}.base_layer.base_layer.{param}"]
+        torch.testing.assert_close(dict(ours.named_parameters())[f"{experts}.base_layer.base_layer.{param}"],
+                                   ref_param, atol=1e-6, rtol=1e-5)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(logits(ours, ids()), expected, atol=1e-5, rtol=1e-4)
+    merged = ours.merge_and_unload()
+    assert type(merged.model.layers[0].mlp.experts).__name__.endswith("Experts")
+    torch.testing.assert_close(logits(merged, ids()), expected, atol=1e-5, rtol=1e-4)
+    _, fresh = pair(MOE_MODELS[arch], moe_fields())
+    plain = fresh.unload()
+    torch.testing.assert_close(logits(plain, ids()), logits(MOE_MODELS[arch](), ids()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(MOE_MODELS))
+def test_moe_files_both_ways(arch, tmp_path):
+    reference, ours = pair(MOE_MODELS[arch], moe_fields(rank_pattern={"layers.1.mlp.experts.down_proj": 3}))
+    reference.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    theirs_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert ours_file.keys() == theirs_file.keys()
+    assert any(k.endswith("experts.base_layer.lora_A.weight") for k in ours_file)
+    for name, tensor in theirs_file.items():
+        torch.testing.assert_close(ours_file[name], tensor, atol=0, rtol=0, msg=name)
+    expected = logits(reference, ids())
+    loaded_ours = LoraModel.from_pretrained(MOE_MODELS[arch](), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded_ours, ids()), expected, atol=1e-5, rtol=1e-4)
+    loaded_peft = PeftModel.from_pretrained(MOE_MODELS[arch](), tmp_path / "ours")
+    torch.testing.assert_close(logits(loaded_peft, ids()), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_moe_one_parameter_and_no_modules(tmp_path):
+    """Only down_proj, no module targets (target_modules=[]): the wrapper sits at `experts` itself."""
+    fields = dict(r=2, target_modules=[], target_parameters=["down_proj"], init_lora_weights=False)
+    reference, ours = pair(tiny_mixtral, fields)
+    torch.testing.assert_close(logits(ours, ids()), logits(reference, ids()), atol=1e-5, rtol=1e-4)
+    ours.save_pretrained(tmp_path)
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys == sorted(f"base_model.model.model.layers.{i}.mlp.experts.lora_{p}.weight"
+                          for i in range(2) for p in "AB")
+
+
+def test_moe_refusals_name_the_problem():
+    with pytest.raises(ValueError, match="lora_dropout"):
+        get_peft_model(tiny_mixtral(), LoraConfig(**moe_fields(lora_dropout=0.1)))
+    with pytest.raises(ValueError, match="matched no parameter.*gate_up_proj"):
+        get_peft_model(tiny_mixtral(), LoraConfig(r=2, target_modules=[], target_parameters=["experts.nothing"]))
+    _, ours = pair(tiny_mixtral, moe_fields())
+    ours.add_adapter("other", LoraConfig(**moe_fields()))
+    with pytest.raises(ValueError, match="mixed-adapter"):
+        ours(input_ids=ids(), adapter_names=["default", "other"])
+
+
+def test_moe_second_adapter_reuses_wrappers():
+    reference, ours = pair(tiny_mixtral, moe_fields())
+    for model, config_class in ((reference, PeftLoraConfig), (ours, LoraConfig)):
+        model.add_adapter("second", config_class(**moe_fields(r=3)))
+    assert ({n for n, _ in ours.named_parameters() if "lora_" in n}
+            == {n for n, _ in reference.named_parameters() if "lora_" in n})
+    copy_lora_by_name(reference, ours)
+    for model in (reference, ours):
+        model.set_adapter("second")
+    torch.testing.assert_close(logits(ours, ids()), logits(reference, ids()), atol=1e-5, rtol=1e-4)
+
+
+# ---- nn.Conv1d / nn.Conv3d -------------------------------------------------------------------------
+class ConvModel(torch.nn.Module):
+    """Conv1d over a sequence and Conv3d over a volume, both into one head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = torch.nn.Conv1d(3, 6, kernel_size=3, padding=1, stride=2)
+        self.conv3 = torch.nn.Conv3d(2, 4, kernel_size=(1, 3, 3), padding=(0, 1, 1), dilation=1)
+        self.head = torch.nn.Linear(6 * 4 + 4 * 2 * 3 * 3, 5)
+        self.eval()
+
+    def forward(self, seq: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.conv1(seq).flatten(1), self.conv3(volume).flatten(1)], dim=-1))
+
+
+def conv_inputs(batch: int = 4) -> dict:
+    generator = torch.Generator().manual_seed(5)
+    return {"seq": torch.randn(batch, 3, 8, generator=generator),
+            "volume": torch.randn(batch, 2, 2, 3, 3, generator=generator)}
+
+
+CONV_FIELDS = dict(r=3, lora_alpha=5, target_modules=["conv1", "conv3"], init_lora_weights=False)
+
+
+def run(model, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**conv_inputs(), **kwargs)
+
+
+def test_conv1d_conv3d_outputs_merge_and_files_match_peft(tmp_path):
+    reference, ours = pair(ConvModel, CONV_FIELDS)
+    expected = run(reference)
+    assert not torch.allclose(expected, run(ConvModel()), atol=1e-3)
+    torch.testing.assert_close(run(ours), expected, atol=1e-5, rtol=1e-4)
+    for model in (reference, ours):
+        model.merge_adapter()
+    for name in ("conv1", "conv3"):
+        torch.testing.assert_close(getattr(ours.base_model.model, name).base_layer.weight,
+                                   getattr(reference.base_model.model, name).base_layer.weight, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(run(ours), expected, atol=1e-5, rtol=1e-4)
+    ours.unmerge_adapter()
+    reference.unmerge_adapter()
+    reference.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    assert (load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
+            == load_file(tmp_path / "peft" / "adapter_model.safetensors").keys())
+    torch.testing.assert_close(run(LoraModel.from_pretrained(ConvModel(), tmp_path / "peft")), expected,
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(run(PeftModel.from_pretrained(ConvModel(), tmp_path / "ours")), expected,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_conv1d_conv3d_mixed_batch_matches_peft():
+    reference, ours = pair(ConvModel, CONV_FIELDS)
+    for model, config_class in ((reference, PeftLoraConfig), (ours, LoraConfig)):
+        model.add_adapter("other", config_class(**{**CONV_FIELDS, "r": 2}))
+        model.eval()
+    copy_lora_by_name(reference, ours)
+    names = ["other", "__base__", "default", "other"]
+    expected = run(reference, adapter_names=names)
+    torch.testing.assert_close(run(ours, adapter_names=names), expected, atol=1e-5, rtol=1e-4)
+    ours.set_adapter("other")
+    torch.testing.assert_close(run(ours)[0], expected[0], atol=1e-5, rtol=1e-4)
