@@ -5,7 +5,8 @@
 state_dict names are PEFT's (`base_model.model.<path>.lora_A.default.weight`).
 This class adds what needs files and the Hub (save, load, push) on top of the
 tuner; every other PEFT name delegates to it. Attributes it does not define
-are read from the user's model (`lora.config`, `lora.device`, ...).
+are read from the tuner and then the user's model (`lora.prefix`, `lora.config`,
+`lora.device`, ...), as PEFT reads them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from .config import LoraConfig
 from .io.files import save_adapters
 from .io.loading import LoadResult, hotswap_adapter, load_adapter
-from .io.state_dict import attach_tuner
+from .io.state_dict import attach_tuner, attached_tuner
 from .layers import LoraLayer, ModulesToSave
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .storage import hub
@@ -47,7 +48,7 @@ class LoraModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model.model, name)
+            return getattr(self.base_model, name)  # as PEFT: the tuner (prefix, ...), which forwards to the model
 
     # ---- PEFT's names, read from the tuner -------------------------------------------------------
     @property
@@ -269,9 +270,18 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None
                             ) -> nn.Module:
-    """Put LoRA layers into `model` and return it, without a LoraModel around it (PEFT's low-level API)."""
+    """Put LoRA layers into `model` and return it, without a LoraModel around it (PEFT's low-level API).
+
+    On a model this function already injected into, the adapter is added beside the
+    others and made the active one, as in PEFT.
+    """
     if not isinstance(peft_config, LoraConfig):
         raise ValueError(f"peft_config {peft_config!r} is invalid: expected a peftlite LoraConfig")
+    tuner = attached_tuner(model)
+    if tuner is not None:
+        tuner.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        tuner.set_adapter(adapter_name)
+        return model
     tuner = LoraTuner(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     attach_tuner(tuner.model, tuner)
     return tuner.model

@@ -17,7 +17,7 @@ from typing import Literal
 from torch import nn
 from transformers import PreTrainedModel
 
-from .layers import LoraLayer, ModulesToSave
+from .layers import Conv, LoraLayer, ModulesToSave, QuantizedLinear
 from .tuner import LoraTuner
 
 Irregular = Literal["irregular"]
@@ -62,11 +62,15 @@ def _all_or_none(values: list[bool | Irregular]) -> bool | Irregular:
 
 
 def _module_type(module: nn.Module) -> str:
-    """PEFT's repr prefix: `lora.Linear`, `lora.Embedding`, `lora.Conv2d`, ... and `ModulesToSaveWrapper`."""
+    """PEFT's repr prefix: `lora.Linear`, `lora.Conv2d`, `lora.Linear4bit`, ... and `ModulesToSaveWrapper`.
+
+    Where PEFT has one LoRA class per base type and peftlite one for several
+    (Conv, QuantizedLinear), the base type names it, as in PEFT.
+    """
     if isinstance(module, ModulesToSave):
         return "ModulesToSaveWrapper"
-    name = type(module).__name__
-    return "lora." + (type(module.base_layer).__name__ if name == "Conv" else name)
+    per_base = isinstance(module, (Conv, QuantizedLinear))
+    return "lora." + type(module.base_layer if per_base else module).__name__
 
 
 def _adapter_parameters(module: LoraLayer | ModulesToSave) -> dict[str, list[nn.Parameter]]:

@@ -18,7 +18,7 @@ from peftlite.config import BOOKKEEPING
 # (field, bad value, words the message must contain besides the field name and the value)
 # A value of each PEFT field peftlite refuses (a variant or option it does not implement).
 UNSUPPORTED_VALUES = {
-    "use_dora": True, "lora_bias": True, "use_qalora": True, "use_bdlora": {"a": 1}, "layer_replication": [(0, 1)],
+    "use_qalora": True, "use_bdlora": {"a": 1}, "layer_replication": [(0, 1)],
     "target_parameters": ["experts.w"], "trainable_token_indices": [1, 2], "alora_invocation_tokens": [1],
     "arrow_config": {}, "kasa_config": {}, "monteclora_config": {}, "megatron_config": {}, "eva_config": {},
     "corda_config": {}, "lora_ga_config": {}, "velora_config": {},
@@ -40,10 +40,12 @@ BAD_VALUES = [
     ("lora_dropout", "0.1", "[0, 1)"),
     ("bias", "some", "lora_only"),
     ("bias", None, "lora_only"),
-    ("init_lora_weights", "pissa", "gaussian"),
+    ("init_lora_weights", "pissa_niter_0", "gaussian"),
     ("init_lora_weights", 1, "gaussian"),
     ("fan_in_fan_out", "yes", "True or False"),
     ("merge_weights", 1, "True or False"),
+    ("use_dora", "yes", "True or False"),
+    ("lora_bias", 1, "True or False"),
     ("use_rslora", None, "True or False"),
     ("inference_mode", "false", "True or False"),
     ("target_modules", [], "at least one"),

@@ -333,3 +333,11 @@ def test_lora_bias_refusals() -> None:
     with pytest.raises(ValueError, match="no bias"):
         model.merge_adapter()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_add_weighted_adapter_refuses_lora_bias() -> None:
+    model = peftlite.get_peft_model(Seq(), peftlite.LoraConfig(lora_bias=True, target_modules=["lin"]))
+    model.add_adapter("other", peftlite.LoraConfig(target_modules=["lin"]))
+    with pytest.raises(ValueError, match="lora_bias"):
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix")
+    assert "mix" not in model.peft_config

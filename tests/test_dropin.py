@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftlite
-from tests.tiny_models import LLAMA_TARGETS, MLP, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from tests.tiny_models import LLAMA_TARGETS, MLP, ConvNet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 LIBS: dict[str, ModuleType] = {"peft": peft, "peftlite": peftlite}
 Q_V = ["q_proj", "v_proj"]
@@ -109,7 +109,11 @@ def test_prefix_peft_type_config_and_active_names() -> None:
         model = llama_lora(lib)
         model.add_adapter("other", lib.LoraConfig(target_modules=["k_proj"], r=2))
         return {
-            "prefix": model.base_model.prefix,
+            "prefix": (model.base_model.prefix, model.prefix),  # PeftModel reads unknown names from the tuner
+            "tuner names": [callable(getattr(model, name)) for name in (
+                "inject_adapter", "add_weighted_adapter", "merge_adapter", "unmerge_adapter", "unload",
+                "disable_adapter_layers", "enable_adapter_layers", "merge_and_unload")],
+            "model names": (model.config.model_type, model.device.type, model.dtype),
             "peft_type": (model.peft_type == "LORA", model.peft_config["default"].peft_type == "LORA",
                           lib.LoraConfig().peft_type == "LORA"),
             "peft_config": sorted(model.peft_config),
@@ -188,6 +192,22 @@ def test_get_model_status_and_get_layer_status() -> None:
             status.pop("trainable_params", None)
     assert ours == theirs
     assert theirs[0]["merged_adapters"] == ["default", "other"] and theirs[4]["enabled"] is False
+
+
+@pytest.mark.parametrize(("factory", "config"), [
+    (ConvNet, {"target_modules": ["emb", "conv", "head"]}),
+    (tiny_bert, {"target_modules": ["query"], "modules_to_save": ["classifier"]}),
+    (tiny_gpt2, {"target_modules": ["c_attn"]}),
+])
+def test_status_per_layer_kind(factory: Callable[[], nn.Module], config: dict[str, Any]) -> None:
+    def status(lib: ModuleType) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(factory(), lib.LoraConfig(**config))
+        return dataclasses.asdict(model.get_model_status()), [dataclasses.asdict(s) for s in model.get_layer_status()]
+
+    theirs, ours = both(status)
+    assert ours == theirs
 
 
 def test_status_of_an_injected_model_and_of_a_model_without_lora() -> None:
@@ -314,6 +334,24 @@ def test_inject_adapter_in_model_plain_module() -> None:
     assert list(peftlite.get_peft_model_state_dict(ours)) == list(peft_sd)
 
 
+def test_inject_adapter_in_model_twice_adds_a_second_active_adapter() -> None:
+    def inject(lib: ModuleType) -> nn.Module:
+        torch.manual_seed(3)
+        model = lib.inject_adapter_in_model(lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False), MLP())
+        return lib.inject_adapter_in_model(lib.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False),
+                                           model, adapter_name="b")
+
+    theirs, ours = both(inject)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert ours.lin0.active_adapters == theirs.lin0.active_adapters == ["b"]
+    assert sorted(ours.peft_config) == sorted(theirs.peft_config) == ["b", "default"]
+    same_weights(theirs, ours)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert list(peftlite.get_peft_model_state_dict(ours, adapter_name="b")) == \
+           list(peft.get_peft_model_state_dict(theirs, adapter_name="b"))
+
+
 def test_inject_adapter_in_model_low_cpu_mem_usage_then_set() -> None:
     theirs, ours = both(lambda lib: lib.inject_adapter_in_model(
         lib.LoraConfig(target_modules=["lin0"]), MLP(), low_cpu_mem_usage=True))
@@ -396,6 +434,16 @@ def test_from_pretrained_keywords_eval_mode_and_load_result(tmp_path: Path) -> N
     assert ours["trainable"] == theirs["trainable"]
     torch.testing.assert_close(ours["logits"], theirs["logits"])
     torch.testing.assert_close(ours["logits"], logits(reference))
+
+
+@pytest.mark.parametrize("keyword", [{"device_map": "cpu"}, {"torch_device": "cpu"}, {"ephemeral_gpu_offload": False},
+                                     {"use_safetensors": True}, {"max_memory": None}, {"low_cpu_mem_usage": True},
+                                     {"autocast_adapter_dtype": False}, {"revision": None}])
+def test_from_pretrained_accepts_peft_keywords(tmp_path: Path, keyword: dict[str, Any]) -> None:
+    reference = llama_lora(peft)
+    reference.save_pretrained(tmp_path)
+    theirs, ours = both(lambda lib: logits(lib.PeftModel.from_pretrained(tiny_llama(), tmp_path, **keyword)))
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_from_pretrained_key_mapping_and_load_adapter_eval_mode(tmp_path: Path) -> None:
@@ -582,14 +630,18 @@ class WithContainers(nn.Module):
         super().__init__()
         self.lin = nn.Linear(4, 4)
         self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+        self.named = nn.ModuleDict({"a": nn.Linear(4, 4)})
+        self.params = nn.ParameterList([nn.Parameter(torch.ones(4))])
+        self.scales = nn.ParameterDict({"a": nn.Parameter(torch.ones(4))})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks[0](self.lin(x))
+        return self.named["a"](self.blocks[0](self.lin(x))) * self.params[0] * self.scales["a"]
 
 
-def test_modules_to_save_container_is_refused() -> None:
+@pytest.mark.parametrize("container", ["blocks", "named", "params", "scales"])
+def test_modules_to_save_container_is_refused(container: str) -> None:
     theirs, ours = both(lambda lib: outcome(lambda: lib.get_peft_model(
-        WithContainers(), lib.LoraConfig(target_modules=["lin"], modules_to_save=["blocks"])))[:2])
+        WithContainers(), lib.LoraConfig(target_modules=["lin"], modules_to_save=[container])))[:2])
     assert ours[0] == theirs[0] == "raise"
     assert issubclass(ours[1], ValueError)
 

@@ -66,7 +66,7 @@ BAD_CONFIGS = [
     (dict(lora_dropout=1.0), ["lora_dropout=1.0", "[0, 1)"]),
     (dict(lora_dropout=-0.1), ["lora_dropout=-0.1", "[0, 1)"]),
     (dict(bias="some"), ["bias='some'", "'lora_only'"]),
-    (dict(init_lora_weights="pissa"), ["init_lora_weights='pissa'", "'gaussian'"]),
+    (dict(init_lora_weights="pissa_niter_"), ["init_lora_weights='pissa_niter_'", "'gaussian'"]),
     (dict(init_lora_weights=1), ["init_lora_weights=1", "True, False"]),
     (dict(target_modules=[]), ["target_modules=[]", "at least one"]),
     (dict(target_modules=["lin0", ""]), ["''", "module name"]),

@@ -85,7 +85,7 @@ BAD_INPUTS = {
     "non-LORA peft_type": (lambda d: edit_json(d, peft_type="IA3") or d, ValueError, "peft_type='IA3'"),
     "dora": (lambda d: edit_json(d, use_dora=True) or d, ValueError, "use_dora=True"),
     "lora_bias": (lambda d: edit_json(d, lora_bias=True) or d, ValueError, "lora_bias=True"),
-    "pissa init": (lambda d: edit_json(d, init_lora_weights="pissa") or d, ValueError, "pissa"),
+    "unknown init": (lambda d: edit_json(d, init_lora_weights="pissa_niter_0") or d, ValueError, "pissa_niter_0"),
     "bad config value": (lambda d: edit_json(d, r=0) or d, ValueError, "r=0"),
     "rank mismatch": (lambda d: edit_json(d, r=8) or d, ValueError, r"shape \(4, 32\), expected \(8, 32\)"),
     "shape mismatch": (lambda d: edit_weights(d, lambda t: t.update({Q_A: torch.zeros(4, 31)})) or d,

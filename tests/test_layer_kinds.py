@@ -259,3 +259,98 @@ def test_conv1d_conv3d_mixed_batch_matches_peft():
     torch.testing.assert_close(run(ours, adapter_names=names), expected, atol=1e-5, rtol=1e-4)
     ours.set_adapter("other")
     torch.testing.assert_close(run(ours)[0], expected[0], atol=1e-5, rtol=1e-4)
+
+
+# ---- seed-era fused-QKV files (PEFT 0.2/0.3, loralib) ----------------------------------------------
+ENABLE = [True, False, True]
+
+
+def legacy_adapter(tmp_path, r: int = 3, alpha: float = 7.0, conv_b: bool = False, binary: bool = False,
+                   loralib_names: bool = False) -> dict:
+    """Write a tiny GPT-2 adapter as PEFT 0.2/0.3 did: enable_lora, r per slice, loralib's factor shapes.
+
+    Returns {c_attn path: loralib.MergedLinear holding the same base weights and factors}.
+    """
+    import json
+
+    import loralib
+    from safetensors.torch import save_file
+    from tiny_models import tiny_gpt2
+    base = tiny_gpt2()
+    references, tensors = {}, {}
+    generator = torch.Generator().manual_seed(7)
+    for i in range(2):
+        path = f"transformer.h.{i}.attn.c_attn"
+        c_attn = base.get_submodule(path)
+        layer = loralib.MergedLinear(32, 96, r=r, lora_alpha=alpha, enable_lora=ENABLE, fan_in_fan_out=True,
+                                     merge_weights=False)
+        with torch.no_grad():
+            layer.weight.copy_(c_attn.weight)  # loralib keeps a fan_in_fan_out weight as (in, out), as Conv1D
+            layer.bias.copy_(c_attn.bias)
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=generator))
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator))
+        references[path] = layer.eval()
+        prefix = "" if loralib_names else "base_model.model."
+        suffix = "" if loralib_names else ".weight"
+        lora_B = layer.lora_B.detach().unsqueeze(-1) if conv_b else layer.lora_B.detach()
+        tensors[f"{prefix}{path}.lora_A{suffix}"] = layer.lora_A.detach().clone()
+        tensors[f"{prefix}{path}.lora_B{suffix}"] = lora_B.clone()
+    (tmp_path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": ["c_attn"], "enable_lora": ENABLE, "fan_in_fan_out": True, "merge_weights": False,
+        "bias": "none", "inference_mode": True, "base_model_name_or_path": "gpt2"}))
+    if binary:
+        torch.save(tensors, tmp_path / "adapter_model.bin")
+    else:
+        save_file(tensors, tmp_path / "adapter_model.safetensors")
+    return references
+
+
+@pytest.mark.parametrize("variant", ["safetensors", "bin-conv1d-B", "loralib-names"])
+def test_legacy_fused_file_loads_with_loralib_outputs(tmp_path, variant):
+    from tiny_models import tiny_gpt2
+
+    from peftlite import MergedLinear
+    references = legacy_adapter(tmp_path, conv_b=variant == "bin-conv1d-B", binary=variant == "bin-conv1d-B",
+                                loralib_names=variant == "loralib-names")
+    model = LoraModel.from_pretrained(tiny_gpt2(), tmp_path)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    for path, reference in references.items():
+        layer = model.base_model.model.get_submodule(path)
+        assert isinstance(layer, MergedLinear) and layer.r["default"] == 3
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), reference(x), atol=1e-5, rtol=1e-4)
+    # and it saves as PEFT's plain layout, which PEFT loads with the same outputs
+    model.save_pretrained(tmp_path / "resaved")
+    tokens = ids(length=6)
+    expected = logits(model, tokens)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "resaved"), tokens),
+                               expected, atol=1e-5, rtol=1e-4)
+
+
+def test_current_fused_file_is_not_mistaken_for_legacy(tmp_path):
+    """peftlite's own enable_lora file, with g = 1 (the shapes both layouts allow) and g = 2."""
+    from tiny_models import tiny_gpt2
+    for enable in ([False, True, False], ENABLE):
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], enable_lora=enable, init_lora_weights=False)
+        model = get_peft_model(tiny_gpt2(), config)
+        model.save_pretrained(tmp_path / str(enable))
+        loaded = LoraModel.from_pretrained(tiny_gpt2(), tmp_path / str(enable))
+        torch.testing.assert_close(logits(loaded, ids()), logits(model, ids()), atol=1e-6, rtol=1e-5)
+
+
+def test_mixed_fused_layouts_are_refused(tmp_path):
+    from safetensors.torch import save_file
+    from tiny_models import tiny_gpt2
+    legacy_adapter(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    name = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
+    tensors[name] = _current_B(tensors[name])
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="ambiguous fused layout"):
+        LoraModel.from_pretrained(tiny_gpt2(), tmp_path)
+
+
+def _current_B(legacy_B: torch.Tensor) -> torch.Tensor:
+    from peftlite.io.legacy import _to_current
+    return _to_current(legacy_B, ENABLE)

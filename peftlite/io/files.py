@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..config import CONFIG_NAME, LoraConfig
+from ..config import CONFIG_NAME, LoraConfig, read_json
 from ..storage import hub
 from ..storage.atomic import (
     atomic_write_tree,
@@ -35,6 +35,7 @@ from ..storage.atomic import (
 from .card import model_card
 from .conversion import converted_config, converted_tensors
 from .keys import adapter_tensors
+from .legacy import from_legacy_fused
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -84,9 +85,10 @@ def read_adapter(model_id_or_path: str, device: str | torch.device = "cpu",
     if os.path.isdir(local):
         finish_interrupted(os.path.dirname(os.path.abspath(local)))  # "default" beside "other"
         finish_interrupted(local)
-    config = read_config(model_id_or_path, **hub_kwargs)
+    config_path = hub.resolve(model_id_or_path, CONFIG_NAME, **hub_kwargs)
     tensors, path = read_weights(model_id_or_path, device, **hub_kwargs)
-    return config, tensors, path
+    raw, tensors = from_legacy_fused(read_json(config_path), tensors, path)  # PEFT 0.2/0.3, loralib files
+    return LoraConfig.from_file_dict(raw, config_path), tensors, path
 
 
 # ---- saving -------------------------------------------------------------------------------------

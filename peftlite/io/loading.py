@@ -167,7 +167,7 @@ def read_checked(tuner: LoraTuner, model_id_or_path: str, **kwargs: Any) -> tupl
 
 
 def remap_keys(tensors: dict[str, Tensor], key_mapping: dict[str, str] | None, source: str) -> dict[str, Tensor]:
-    """PEFT's key_mapping: on each key without its `base_model.model.` prefix, the first regex that matches rewrites it."""
+    """PEFT's key_mapping: on each key less its `base_model.model.` prefix, the first regex that matches rewrites it."""
     if not key_mapping:
         return tensors
     remapped = {}

@@ -42,6 +42,12 @@ def attach_tuner(model: nn.Module, tuner: LoraTuner) -> None:
     model.__dict__["peft_config"] = tuner.peft_config
 
 
+def attached_tuner(model: nn.Module) -> LoraTuner | None:
+    """The tuner `attach_tuner` left on `model`, if any."""
+    tuner = model.__dict__.get(INJECTED_TUNER)
+    return tuner if isinstance(tuner, LoraTuner) else None
+
+
 def tuner_of(model: nn.Module) -> LoraTuner:
     """The LoraTuner of a LoraModel, of a model from inject_adapter_in_model, or the tuner itself."""
     for tuner in (model, getattr(model, "base_model", None), model.__dict__.get(INJECTED_TUNER)):

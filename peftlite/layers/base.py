@@ -355,6 +355,12 @@ class LoraLayer(nn.Module):
         """Shapes of (A, B) at rank r; raises ValueError if this base cannot take LoRA."""
         raise NotImplementedError
 
+    def check_init(self, init: bool | str, r: int) -> None:
+        """Raise ValueError, before any change, if this layer cannot start an adapter with `init` at rank r."""
+        if init not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights={init!r} is not supported on {type(self.base_layer).__name__} "
+                             "(nor by PEFT): expected True, False or 'gaussian' there")
+
     def takes_lora_bias(self) -> bool:
         """Whether B may carry a bias (lora_bias=True): where lora_B[name] is a module with one, as in PEFT."""
         return False

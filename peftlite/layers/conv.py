@@ -38,9 +38,6 @@ class Conv(LoraLayer):
                                                device=device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
-        if init not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights={init!r} is not supported on {type(self.base_layer).__name__} "
-                             "(nor by PEFT): expected True, False or 'gaussian' for convolutions")
         LF.init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, init)
 
     def takes_lora_bias(self) -> bool:

@@ -15,6 +15,9 @@ from .base import LoraLayer
 
 
 class Embedding(LoraLayer):
+    def check_init(self, init: bool | str, r: int) -> None:
+        pass  # as PEFT: every init but False starts an embedding at A = 0, B normal
+
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.base_layer.num_embeddings), (self.base_layer.embedding_dim, r)
 

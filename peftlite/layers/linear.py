@@ -45,10 +45,6 @@ class Linear(LoraLayer):
         """PEFT's inits; PiSSA/OLoRA also replace the base weight by its residual (W − s·B·A)."""
         lora_A, lora_B = self.factors(name)
         record, weight = self.adapters[name], self.weight
-        if init in ("orthogonal", "pissa", "olora") or inits.mutates_base(init):
-            if type(self) is not Linear or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise ValueError(f"init_lora_weights={init!r} needs a float nn.Linear or Conv1D base (as in PEFT), "
-                                 f"got {type(self).__name__} over {type(self.base_layer).__name__} {weight.dtype}")
         with torch.no_grad():
             if init == "orthogonal":
                 start_A, start_B = inits.orthogonal(record.r, self.in_features, self.out_features)
@@ -65,6 +61,17 @@ class Linear(LoraLayer):
             bias = getattr(self.lora_B[name], "bias", None)
             if bias is not None and init is False:  # nn.Linear's own bias init, as PEFT leaves it
                 nn.init.uniform_(bias, -record.r ** -0.5, record.r ** -0.5)
+
+    def check_init(self, init: bool | str, r: int) -> None:
+        """PEFT's data inits need a float nn.Linear/Conv1D weight; orthogonal an even rank."""
+        if init in (True, False, "gaussian"):
+            return
+        weight = self.weight
+        if type(self) is not Linear or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"init_lora_weights={init!r} needs a float nn.Linear or Conv1D base (as in PEFT), "
+                             f"got {type(self).__name__} over {type(self.base_layer).__name__} {weight.dtype}")
+        if init == "orthogonal" and r % 2:
+            raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
 
     def takes_lora_bias(self) -> bool:
         return type(self) is Linear

@@ -211,9 +211,9 @@ def _experts_linear(experts: nn.Module, name: str, rows: Tensor, counts: list[in
         part = chunk @ weight[e] if experts.is_transposed else F.linear(chunk, weight[e])
         if bias is not None:
             part = part + bias[e]
-        for lora_A, lora_B, scaling in terms:
-            low = F.linear(F.linear(chunk.to(lora_A.dtype), lora_A[e]), lora_B[e])
-            part = part + (low * scaling).to(part.dtype)
+        for lora_A, lora_B, scaling in terms:  # + s·(x A_eᵀ) B_eᵀ, accumulated in the GEMM
+            after_A = F.linear(chunk.to(lora_A.dtype), lora_A[e])  # (rows, r)
+            part = torch.addmm(part, after_A.to(part.dtype), lora_B[e].T.to(part.dtype), alpha=scaling)
         parts.append(part)
     if not parts:
         width = weight.shape[-1] if experts.is_transposed else weight.shape[-2]

@@ -95,6 +95,9 @@ def _check_request(lora_model: "LoraTuner", adapters: list[str], weights: list[f
             if name in layer.adapters and not layer.adapters[name].variant.combinable:
                 raise ValueError(f"adapter {name!r} is {layer.adapters[name].variant.name} on {path!r}, which "
                                  "add_weighted_adapter cannot combine: expected plain LoRA adapters")
+            if name in layer.adapters and layer.adapters[name].lora_bias:
+                raise ValueError(f"adapter {name!r} has lora_bias=True on {path!r}, which add_weighted_adapter "
+                                 "would drop: expected plain LoRA adapters without lora_bias")
     if (isinstance(weights, str) or not isinstance(weights, (list, tuple)) or len(weights) != len(adapters)
             or not all(_is_number(w) for w in weights)):  # _is_number: finite, and no int too large for a float
         raise ValueError(f"weights={weights!r} is invalid: expected {len(adapters)} finite numbers, one per adapter")

@@ -67,6 +67,7 @@ def plan_layers(model: nn.Module, state: AdapterState, config: LoraConfig, paths
                 warnings.warn(f"fan_in_fan_out=True ignored for {path!r}, a {type(module).__name__} whose weight "
                               "is out × in, as PEFT does", stacklevel=4)
         layer.factor_shapes(config.rank_for(path))
+        layer.check_init(config.init_lora_weights, config.rank_for(path))
         layers.append((path, module, layer))
     return layers + plan_parameter_layers(model, state, config, parameters)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..layers import QuantizedLinear
-from ..layers.quantized import bitsandbytes, undo_cpu_inference_packing
+from ..layers.quantized import bitsandbytes, is_quantized_linear, undo_cpu_inference_packing
 from .tuner import LoraTuner
 
 # quantization methods whose parameters PEFT leaves in their dtype (it upcasts every other 16-bit one)
@@ -116,8 +116,12 @@ def dequantize_and_merge(model: nn.Module, adapter_names: list[str] | None = Non
             else:
                 layer.merge(adapter_names=mine)
         result: Any = tuner._unwrap(keep_saved_copy=True)
-    if getattr(result, "hf_quantizer", None) is not None and callable(getattr(result, "dequantize", None)):
-        result = result.dequantize(dtype=dtype)
+    quantizer = getattr(result, "hf_quantizer", None)
+    if quantizer is not None:
+        if any(is_quantized_linear(m) for m in result.modules()):
+            result = result.dequantize(dtype=dtype)
+        else:  # transformers' dequantize fails when no quantized layer is left; drop its config alone
+            quantizer.remove_quantization_config(result)
     return result
 
 
