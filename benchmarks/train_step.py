@@ -8,6 +8,10 @@ runs it by default (optim "adamw_torch_fused" with torch >= 2.8).
 - floor: the same model and batch with every weight frozen; one trainable scalar multiplies the
   input embeddings so autograd still runs backward through the whole model.
 - peft / peftlite: LoRA with lora_dropout 0 and 0.1.
+- peft-dora / peftlite-dora: DoRA (use_dora=True), dropout 0. `--inference` also times eval
+  forwards (no grad, unmerged), DoRA against LoRA in each library.
+- QLoRA (floor-4bit, peft-4bit-p0, peftlite-4bit-p0): the same weights loaded in 4-bit nf4 by
+  bitsandbytes (fp32 compute, on CPU), measured against floor-4bit, the frozen 4-bit model.
 
 Time (seq 256): every config is built once in this process, then steps are interleaved round by
 round (floor, peft, peftlite, ...) so machine noise hits all alike; each figure is a median, and
@@ -45,13 +49,21 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = ["floor", "peft-p0", "peftlite-p0", "peft-p0.1", "peftlite-p0.1"]
@@ -61,6 +73,31 @@ DORA_CONFIGS = ["peft-dora-p0", "peftlite-dora-p0"]
 MOE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MOE_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 BATCH, RANK, ALPHA = 8, 16, 32
+# QLoRA (--configs floor-4bit,peft-4bit-p0,peftlite-4bit-p0): the same model loaded in 4-bit nf4, fp32 compute;
+# each is compared with floor-4bit, the 4-bit model frozen.
+QLORA_CONFIGS = ["floor-4bit", "peft-4bit-p0", "peftlite-4bit-p0"]
+
+
+def llama_config() -> LlamaConfig:
+    return LlamaConfig(num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+                       num_key_value_heads=8, vocab_size=8192, max_position_embeddings=1024,
+                       bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def checkpoint_4bit() -> str:
+    """The float model (seed 0) saved once, for loading in 4-bit: transformers quantizes in from_pretrained."""
+    path = os.path.join(tempfile.gettempdir(), "peftlite-bench-train-step-llama")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        LlamaForCausalLM(llama_config()).save_pretrained(path)
+    return path
+
+
+def load_4bit() -> nn.Module:
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(checkpoint_4bit(), quantization_config=quantization,
+                                                device_map="cpu")
 
 
 def build(config: str) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -68,10 +105,10 @@ def build(config: str) -> tuple[nn.Module, list[nn.Parameter]]:
     if config.startswith("moe-"):
         return build_moe(config.removeprefix("moe-"))
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=8192, max_position_embeddings=1024,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    if "-4bit" in config:  # QLoRA: the same model loaded in 4-bit, then the same floor / peft / peftlite
+        llama, config = load_4bit(), config.replace("-4bit", "")
+    else:
+        llama = LlamaForCausalLM(llama_config())
     if config == "floor":
         llama.requires_grad_(False)
         scale = nn.Parameter(torch.ones(()))  # the negligible trainable: autograd reaches every layer
@@ -122,7 +159,7 @@ def build_moe(config: str) -> tuple[nn.Module, list[nn.Parameter]]:
 
 def floor_of(config: str) -> str:
     """The frozen floor a config is measured against."""
-    return "moe-floor" if config.startswith("moe-") else "floor"
+    return "moe-floor" if config.startswith("moe-") else "floor-4bit" if "-4bit" in config else "floor"
 
 
 class Step(NamedTuple):
@@ -326,6 +363,8 @@ def main() -> None:
             print(f"  {library:9s} LoRA {lora * 1000:8.1f} ms   DoRA {dora * 1000:8.1f} ms   DoRA/LoRA {dora / lora:6.3f}x")
     if not args.skip_mem:
         print(f"\npeak RSS, seq {args.seq_mem}, lowest of {args.mem_runs} fresh processes per config")
+        if any("-4bit" in config for config in configs):
+            checkpoint_4bit()  # written here, so no measured process builds the float model first
         results = {config: peak_rss(config, args.seq_mem, args.threads, args.mem_runs) for config in configs}
         for config, r in results.items():
             floor = results.get(floor_of(config))

@@ -57,7 +57,8 @@ with tempfile.TemporaryDirectory() as tmp:
     model = get_lora_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.print_trainable_parameters()
     packed = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
-    print(f"held-out loss before: {loss_on(model.train(), held_out):.3f} (uniform guess: {torch.log(torch.tensor(VOCAB)):.3f})")
+    uniform = torch.log(torch.tensor(float(VOCAB)))
+    print(f"held-out loss before: {loss_on(model.train(), held_out):.3f} (a uniform guess: {uniform:.3f})")
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     generator = torch.Generator().manual_seed(0)

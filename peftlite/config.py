@@ -32,8 +32,8 @@ ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 BASE_NAME = "__base__"  # in a mixed batch's adapter_names: this sample runs the base model
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-INIT_MODES = (True, False, "gaussian", "pissa", "olora", "orthogonal")  # and "pissa_niter_K" (PISSA_NITER)
-PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]{0,3})")  # PiSSA by randomized SVD with K subspace iterations
+INIT_MODES = "True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K from 1 to 9999), 'olora' or 'orthogonal'"
+INITS = re.compile(r"gaussian|pissa|olora|orthogonal|pissa_niter_[1-9][0-9]{0,3}")  # K: randomized SVD steps
 MAX_ALPHA = 3.4e38  # float32's range: alpha / r reaches kernels as a float32 scalar
 MAX_RANK = 1 << 16  # far above any useful rank; a typo such as r=10**12 fails here, not in an allocation
 # Names nn.Module (and so nn.ModuleDict) owns: an adapter of that name could not be a ModuleDict key.
@@ -41,10 +41,9 @@ RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict()) if not name.sta
 
 # PEFT fields that change the math unless left at one of these values (the first is the default).
 UNSUPPORTED: dict[str, tuple] = {
-    "use_qalora": (False,), "use_bdlora": (None, False),
-    "layer_replication": (None,), "trainable_token_indices": (None,),
-    "alora_invocation_tokens": (None,), "arrow_config": (None,), "kasa_config": (None,),
-    "monteclora_config": (None,), "megatron_config": (None,), "eva_config": (None,),
+    "use_qalora": (False,), "use_bdlora": (None, False), "layer_replication": (None,),
+    "trainable_token_indices": (None,), "alora_invocation_tokens": (None,), "arrow_config": (None,),
+    "kasa_config": (None,), "monteclora_config": (None,), "megatron_config": (None,), "eva_config": (None,),
     "corda_config": (None,), "lora_ga_config": (None,), "velora_config": (None,),
 }
 # PEFT fields that are bookkeeping or only steer how an adapter is first built.
@@ -226,18 +225,10 @@ class LoraConfig:
             raise ValueError(f"bias={self.bias!r} is invalid: expected one of {list(BIAS_MODES)}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type={self.task_type!r} is invalid: expected None or one of {list(TASK_TYPES)}")
-        init = self.init_lora_weights
-        if not (any(init is mode or init == mode and isinstance(mode, str) for mode in INIT_MODES)
-                or isinstance(init, str) and PISSA_NITER.fullmatch(init)):
-            raise ValueError(f"init_lora_weights={init!r} is not supported: expected one of "
-                             f"{list(INIT_MODES)} or 'pissa_niter_K' (K from 1 to 9999)")
-        if self.lora_bias and init not in (True, False):  # PEFT's rule: the bias is for plain inits only
-            raise ValueError(f"lora_bias=True needs init_lora_weights True or False, got {init!r}")
-        if self.lora_bias and self.use_dora:
-            raise ValueError("lora_bias=True with use_dora=True is not supported (nor by PEFT): expected one of them")
-        if self.enable_lora is not None and (self.use_dora or self.lora_bias):
-            raise ValueError(f"enable_lora={self.enable_lora!r} (a fused MergedLinear) does not take "
-                             f"use_dora={self.use_dora!r} or lora_bias={self.lora_bias!r}: expected them False")
+        if not (isinstance(init := self.init_lora_weights, bool) or isinstance(init, str) and INITS.fullmatch(init)):
+            raise ValueError(f"init_lora_weights={init!r} is not supported: expected {INIT_MODES}")
+        if self.lora_bias is True and (init not in (True, False) or self.use_dora):  # PEFT's rules
+            raise ValueError(f"lora_bias=True needs use_dora=False and init True/False, got {self.use_dora}, {init!r}")
         for name in ("fan_in_fan_out", "merge_weights", "use_rslora", "inference_mode", "ensure_weight_tying",
                      "use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):

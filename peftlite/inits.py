@@ -14,14 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import PISSA_NITER
-
-BASE_MUTATING = ("pissa", "olora")  # and "pissa_niter_K"
+PISSA_NITER = "pissa_niter_"  # "pissa_niter_K": PiSSA by randomized SVD with K subspace iterations
 
 
 def mutates_base(init: bool | str | None) -> bool:
-    """Whether `init` moves part of the base weight into the adapter (PiSSA, OLoRA)."""
-    return isinstance(init, str) and (init in BASE_MUTATING or PISSA_NITER.fullmatch(init) is not None)
+    """Whether `init` (a value LoraConfig accepted) moves part of the base weight into the adapter (PiSSA, OLoRA)."""
+    return init in ("pissa", "olora") or isinstance(init, str) and init.startswith(PISSA_NITER)
 
 
 def pissa(weight: Tensor, r: int, scaling: float, niter: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,5 +64,5 @@ def data_init(init: str, weight: Tensor, r: int, scaling: float) -> tuple[Tensor
     """(A, B, residual) for a base-mutating init ("pissa", "pissa_niter_K", "olora") of weight (out, in)."""
     if init == "olora":
         return olora(weight, r, scaling)
-    match = PISSA_NITER.fullmatch(init)
-    return pissa(weight, r, scaling, niter=int(match.group(1)) if match else None)
+    niter = int(init.removeprefix(PISSA_NITER)) if init.startswith(PISSA_NITER) else None
+    return pissa(weight, r, scaling, niter=niter)

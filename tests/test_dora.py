@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 import peftlite
 from peftlite.variants.dora import DoraMagnitude, DoraScale, row_norm
+from tests.tiny_models import tiny_gpt2
 
 
 class Seq(nn.Module):
@@ -86,11 +87,14 @@ def assert_grad_close(got: torch.Tensor, expected: torch.Tensor, name: str) -> N
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_peft_saved_dora_loads_with_peft_outputs(case: str, tmp_path) -> None:
+def test_peft_saved_dora_loads_with_peft_outputs(case: str, low_cpu_mem_usage: bool, tmp_path) -> None:
     reference = peft_model(case).eval()
     reference.save_pretrained(tmp_path)
-    ours = peftlite.PeftModel.from_pretrained(CASES[case][0](), str(tmp_path)).eval()
+    ours = peftlite.PeftModel.from_pretrained(CASES[case][0](), str(tmp_path),
+                                              low_cpu_mem_usage=low_cpu_mem_usage).eval()
+    assert not any(p.is_meta for p in ours.parameters())
     x = ids_for(case)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)
@@ -261,9 +265,16 @@ def test_hotswap_dora_takes_the_new_weights(tmp_path) -> None:
         ours.hotswap_adapter(str(tmp_path / "plain"), "default")
 
 
-def test_dora_refused_on_a_fused_merged_linear() -> None:
-    with pytest.raises(ValueError, match="enable_lora"):
-        peftlite.LoraConfig(use_dora=True, enable_lora=[True, False, True])
+@pytest.mark.parametrize("field", ["use_dora", "lora_bias"])
+def test_dora_and_lora_bias_refused_on_a_fused_merged_linear(field: str) -> None:
+    """PEFT has no enable_lora; a fused MergedLinear takes neither, and the failed call changes nothing."""
+    model = tiny_gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="enable_lora|MergedLinear"):
+        peftlite.get_peft_model(model, peftlite.LoraConfig(target_modules=["c_attn"], enable_lora=[True, False, True],
+                                                           **{field: True}))
+    assert not any("lora" in n for n in model.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ---- lora_bias ---------------------------------------------------------------------------------------
@@ -341,3 +352,44 @@ def test_add_weighted_adapter_refuses_lora_bias() -> None:
     with pytest.raises(ValueError, match="lora_bias"):
         model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix")
     assert "mix" not in model.peft_config
+
+
+def test_state_dict_api_carries_the_magnitude() -> None:
+    """PEFT's functional API: get_/set_peft_model_state_dict move DoRA magnitudes under PEFT's keys."""
+    reference = peft_model("seq").eval()
+    ours = peftlite.get_peft_model(Seq(), peftlite.LoraConfig(r=4, lora_alpha=8, use_dora=True, **SEQ)).eval()
+    expected = peft.get_peft_model_state_dict(reference)
+    assert set(peftlite.get_peft_model_state_dict(ours)) == set(expected)
+    peftlite.set_peft_model_state_dict(ours, expected)
+    x = ids_for("seq")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_eval_norm_is_computed_once_per_layer(case: str, tmp_path) -> None:
+    """In eval the norm of every layer kind (views of W, A, B included) is cached and reused."""
+    peft_model(case).save_pretrained(tmp_path)
+    ours = peftlite.PeftModel.from_pretrained(CASES[case][0](), str(tmp_path)).eval()
+    layers = [layer for _, layer in ours.lora_layers()]
+    variant = layers[0].adapters["default"].variant
+    first = [variant.gain(layer, "default") for layer in layers]
+    norms = [layer.lora_magnitude_vector["default"]._norm[1] for layer in layers]
+    for layer, gain, norm in zip(layers, first, norms):
+        torch.testing.assert_close(variant.gain(layer, "default"), gain)
+        assert layer.lora_magnitude_vector["default"]._norm[1] is norm
+
+
+def test_merging_dora_after_a_plain_adapter_unmerges_back_to_the_base(tmp_path) -> None:
+    """The DoRA norm of a merge is the unmerged base's, as PEFT takes it; unmerging in reverse restores W."""
+    peft_model("seq").save_pretrained(tmp_path)
+    ours = peftlite.PeftModel.from_pretrained(Seq(), str(tmp_path)).eval()
+    ours.add_adapter("plain", peftlite.LoraConfig(r=2, init_lora_weights=False, **SEQ))
+    base = {k: v.clone() for k, v in ours.get_base_model().state_dict().items() if "base_layer" in k}
+    ours.merge_adapter(["plain", "default"])
+    lin = ours.base_model.model.lin
+    expected_norm = torch.linalg.vector_norm(base["lin.base_layer.weight"] + lin.get_delta_weight("default"), dim=1)
+    torch.testing.assert_close(lin.lora_magnitude_vector["default"].merged_norm, expected_norm)
+    ours.unmerge_adapter()
+    for name, tensor in base.items():
+        torch.testing.assert_close(ours.get_base_model().state_dict()[name], tensor, rtol=1e-5, atol=1e-5, msg=name)

@@ -277,6 +277,7 @@ def legacy_adapter(tmp_path, r: int = 3, alpha: float = 7.0, conv_b: bool = Fals
     from safetensors.torch import save_file
     from tiny_models import tiny_gpt2
     base = tiny_gpt2()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     references, tensors = {}, {}
     generator = torch.Generator().manual_seed(7)
     for i in range(2):
@@ -289,7 +290,8 @@ def legacy_adapter(tmp_path, r: int = 3, alpha: float = 7.0, conv_b: bool = Fals
             layer.bias.copy_(c_attn.bias)
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=generator))
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator))
-        references[path] = layer.eval()
+        layer.eval()  # loralib's train() returns None
+        references[path] = layer
         prefix = "" if loralib_names else "base_model.model."
         suffix = "" if loralib_names else ".weight"
         lora_B = layer.lora_B.detach().unsqueeze(-1) if conv_b else layer.lora_B.detach()
@@ -354,3 +356,30 @@ def test_mixed_fused_layouts_are_refused(tmp_path):
 def _current_B(legacy_B: torch.Tensor) -> torch.Tensor:
     from peftlite.io.legacy import _to_current
     return _to_current(legacy_B, ENABLE)
+
+
+# ---- peftlite inspect: does it load in PEFT unchanged? (checked against PEFT itself) ----------------
+def inspect_json(directory, capsys) -> dict:
+    import json
+
+    from peftlite.app.cli import main
+    assert main(["inspect", str(directory)]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peft_compatibility"]
+
+
+def test_inspect_says_whether_peft_loads_it(tmp_path, capsys):
+    from tiny_models import tiny_gpt2
+    legacy_adapter(tmp_path / "legacy")
+    report = inspect_json(tmp_path / "legacy", capsys)
+    assert not report["loads_in_peft_unchanged"] and "legacy fused-QKV" in report["blocking"][0]
+    with pytest.raises(Exception):  # noqa: B017 - PEFT's own failure, whatever its type
+        PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "legacy")
+
+    LoraModel.from_pretrained(tiny_gpt2(), tmp_path / "legacy").save_pretrained(tmp_path / "resaved")
+    report = inspect_json(tmp_path / "resaved", capsys)
+    assert report["loads_in_peft_unchanged"] and report["notes"][0].startswith("enable_lora=")
+    PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "resaved")
+
+    peft_model = peft_get_peft_model(tiny_gpt2(), PeftLoraConfig(r=2, target_modules=["c_attn"]))
+    peft_model.save_pretrained(tmp_path / "plain")
+    assert inspect_json(tmp_path / "plain", capsys) == {"loads_in_peft_unchanged": True, "blocking": [], "notes": []}

@@ -341,3 +341,34 @@ def test_cli_trains_evaluates_and_merges_over_a_4bit_base(saved, tmp_path, monke
     merged = load(str(tmp_path / "merged"), None).train()
     assert not any(type(m) is bnb.nn.Linear4bit for m in merged.modules())
     torch.testing.assert_close(logits(merged, ids()), logits(trained, ids()), rtol=1e-4, atol=1e-4)
+
+
+def test_merging_two_adapters_one_by_one_rounds_once(saved):
+    """PEFT requantizes after each adapter; peftlite requantizes W + ΔW_a + ΔW_b from the loaded bytes."""
+    models = []
+    for library in (peft, peftlite):
+        torch.manual_seed(0)
+        model = library.get_peft_model(load(saved["llama"], "nf4"),
+                                       library.LoraConfig(**CONFIG, target_modules=TARGETS["llama"]))
+        model.add_adapter("b", library.LoraConfig(**CONFIG, target_modules=TARGETS["llama"]))
+        models.append(model.train())
+    theirs, ours = models
+    peftlite.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    peftlite.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs, adapter_name="b"),
+                                       adapter_name="b")
+    batch = ids()
+    for model in models:
+        model.base_model.set_adapter(["default", "b"])
+    exact = logits(ours, batch)
+    torch.testing.assert_close(logits(theirs, batch), exact, rtol=0, atol=0)
+    before = packed_bytes(ours)
+    errors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in models:
+            model.merge_adapter(["default"])
+            model.merge_adapter(["b"])
+            errors.append((logits(model, batch) - exact).abs().max())
+    assert errors[1] <= errors[0] * 1.05, errors
+    ours.unmerge_adapter()
+    assert_same_bytes(before, packed_bytes(ours))

@@ -449,7 +449,7 @@ def bad_data_file(directory: Path, case: str) -> str:
     return "latin1.csv"
 
 
-@pytest.mark.parametrize("case", ["long csv field", "deep jsonl", "huge label", "latin-1"])
+@pytest.mark.parametrize("case", ["long csv field", "deep jsonl", "latin-1"])
 def test_bad_data_files_exit_2_with_one_line_naming_the_file(cli_work, monkeypatch, capsys, case):
     name = bad_data_file(cli_work, case)
     code, out, err = cli(["train", "--model", "bert", "--data", name, "--task", "seq-cls", "--output",
@@ -457,6 +457,14 @@ def test_bad_data_files_exit_2_with_one_line_naming_the_file(cli_work, monkeypat
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and name in err, err
     assert not (cli_work / "never").exists()
+
+
+def test_a_label_of_two_billion_is_refused_before_a_head_is_built(cli_work):
+    """In-process on the reader: the old code built a 2e9-row head (and ran out of memory)."""
+    from peftlite.app import training
+    name = bad_data_file(cli_work, "huge label")
+    with pytest.raises(ValueError, match=name):
+        training.num_labels_for(training.read_examples(str(cli_work / name), "seq-cls"), None)
 
 
 def test_a_utf8_bom_as_excel_writes_it_is_read(cli_work):
@@ -480,3 +488,176 @@ def test_merge_removes_stale_staging_directories_of_dead_runs(cli_work, monkeypa
     assert code in (0, None), err
     assert not stale.exists()
     assert not [p for p in os.listdir(cli_work) if p.startswith(".peftlite-merge-")]
+
+
+# =================================================================================================
+# Numerics: unmerge restores the exact weight; fp16 overflow is reported
+# =================================================================================================
+def test_nan_in_lora_b_does_not_survive_merge_unmerge_unload():
+    model = lora_mlp()
+    original = weights(model.base_model.model[0].base_layer)
+    with torch.no_grad():
+        model.base_model.model[0].lora_B["default"].weight[0, 0] = float("nan")
+    model.merge_adapter()
+    model.unmerge_adapter()
+    plain = model.unload()
+    assert all(torch.equal(plain[0].state_dict()[k], original[k]) for k in original)
+
+
+def test_a_huge_finite_b_passes_safe_merge_and_unmerge_restores_w():
+    model = lora_mlp()
+    original = model.base_model.model[0].base_layer.weight.detach().clone()
+    with torch.no_grad():
+        model.base_model.model[0].lora_B["default"].weight.fill_(1e30 / 64)
+    model.merge_adapter(safe_merge=True)
+    model.unmerge_adapter()
+    assert torch.equal(model.base_model.model[0].base_layer.weight, original)
+
+
+def test_bf16_merge_unmerge_cycles_restore_the_exact_weight():
+    torch.manual_seed(0)
+    model = get_lora_model(mlp().to(torch.bfloat16), LoraConfig(r=4, target_modules=["0", "2", "4"],
+                                                              init_lora_weights=False))
+    original = weights(model.base_model.model)
+    for _ in range(100):
+        model.merge_adapter()
+        model.unmerge_adapter()
+    after = weights(model.base_model.model)
+    assert all(torch.equal(after[k], original[k]) for k in original)
+
+
+def test_fp16_with_a_huge_lora_alpha_warns():
+    with pytest.warns(UserWarning, match="float16"):
+        get_lora_model(mlp().half(), LoraConfig(r=4, lora_alpha=10**6, target_modules=["0"]))
+
+
+# =================================================================================================
+# Files: base-model tensors a file carries
+# =================================================================================================
+def with_extra_tensors(source: Path, target: Path, extra: dict[str, torch.Tensor], **config_edits) -> Path:
+    target.mkdir()
+    tensors = {**load_file(source / "adapter_model.safetensors"), **extra}
+    save_file(tensors, target / "adapter_model.safetensors", metadata={"format": "pt"})  # no peftlite hash
+    config = {**json.loads((source / "adapter_config.json").read_text()), **config_edits}
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_a_bias_none_file_carrying_a_bias_is_refused(tmp_path):
+    lora_mlp().save_pretrained(tmp_path / "good")
+    model = lora_mlp()
+    bias = model.base_model.model[0].base_layer.bias
+    bad = with_extra_tensors(tmp_path / "good", tmp_path / "bad", {"base_model.model.0.base_layer.bias": bias + 1})
+    before = weights(model)
+    with pytest.raises(ValueError, match="bias='none'|bias='all'"):
+        model.load_adapter(str(bad), "other")
+    after = weights(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("undo", ["delete_adapter", "unload"])
+def test_a_bias_all_file_changes_the_bias_until_delete_or_unload(tmp_path, undo):
+    lora_mlp().save_pretrained(tmp_path / "good")
+    model = lora_mlp()
+    original = model.base_model.model[0].base_layer.bias.detach().clone()
+    biased = with_extra_tensors(tmp_path / "good", tmp_path / "biased",
+                                {"base_model.model.0.base_layer.bias": original + 1}, bias="all")
+    with pytest.warns(UserWarning, match="base-model tensors"):
+        model.load_adapter(str(biased), "other")
+    assert torch.equal(model.base_model.model[0].base_layer.bias, original + 1)
+    if undo == "delete_adapter":
+        model.delete_adapter("other")
+        assert torch.equal(model.base_model.model[0].base_layer.bias, original)
+    else:
+        assert torch.equal(model.unload()[0].bias, original)
+
+
+def test_an_lm_head_weight_for_an_untargeted_layer_is_refused(tmp_path):
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    get_lora_model(tiny_llama(), config).save_pretrained(tmp_path / "good")
+    model = get_lora_model(tiny_llama(), config)
+    head = model.base_model.model.lm_head.weight
+    bad = with_extra_tensors(tmp_path / "good", tmp_path / "bad", {"base_model.model.lm_head.weight": head + 1})
+    with pytest.raises(ValueError, match="lm_head"):
+        model.load_adapter(str(bad), "other")
+    assert torch.equal(model.base_model.model.lm_head.weight, head)
+
+
+def test_embedding_weights_of_a_targeted_embedding_are_restored_by_unload(tmp_path):
+    config = LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False)
+    get_lora_model(tiny_llama(), config).save_pretrained(tmp_path / "good")
+    model = get_lora_model(tiny_llama(), config)
+    original = model.base_model.model.model.embed_tokens.base_layer.weight.detach().clone()
+    resized = with_extra_tensors(tmp_path / "good", tmp_path / "emb",
+                                 {"base_model.model.model.embed_tokens.base_layer.weight": original + 1})
+    with pytest.warns(UserWarning, match="base-model tensors"):
+        model.load_adapter(str(resized), "other")
+    assert torch.equal(model.base_model.model.model.embed_tokens.base_layer.weight, original + 1)
+    assert torch.equal(model.unload().model.embed_tokens.weight, original)
+
+
+# =================================================================================================
+# Misuse: tied weights, rows that are not the batch, target messages
+# =================================================================================================
+def test_merging_lora_on_a_tied_lm_head_warns_that_embed_tokens_changes():
+    base = tiny_llama()
+    base.config.tie_word_embeddings = True
+    base.lm_head.weight = base.model.embed_tokens.weight
+    model = get_lora_model(base, LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="tied"):
+        model.merge_adapter()
+
+
+class DictInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.proj(batch["x"])
+
+
+class TimeMajor(nn.Module):
+    """Takes (B, T, d) like any model, but runs its layers time-major, on (T, B, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("kind", ["dict input", "time-major"])
+def test_adapter_names_refuse_rows_that_are_not_the_batch(kind):
+    torch.manual_seed(0)
+    module = DictInput() if kind == "dict input" else TimeMajor()
+    model = get_lora_model(module, LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False)).eval()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
+    x = torch.randn(2, 4, 8)
+    args = ({"x": torch.randn(4, 8)},) if kind == "dict input" else (x,)
+    with pytest.raises(ValueError, match="adapter_names"):
+        model(*args, adapter_names=["default", "other"])
+
+
+def test_generate_with_beams_and_adapter_names_still_runs():
+    model = get_lora_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    ids = token_batch(2, 4)
+    out = model.generate(input_ids=ids, adapter_names=["default", "__base__"], num_beams=2, max_new_tokens=2,
+                         do_sample=False, pad_token_id=0)
+    assert out.shape[0] == 2
+
+
+class ConvAndAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(4, 4, 3)
+        self.mha = nn.MultiheadAttention(8, 2)
+
+
+@pytest.mark.parametrize("target", ["conv1d", "mha"])
+def test_targets_naming_existing_modules_never_report_matched_no_module(target):
+    try:
+        get_lora_model(ConvAndAttention(), LoraConfig(target_modules=[target]))
+    except ValueError as err:
+        assert "matched no module" not in str(err) and repr(target) in str(err)

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,9 +28,11 @@ from transformers import AutoTokenizer
 from transformers.utils import logging
 
 from ..config import LoraConfig
+from ..io.compat import peft_compatibility
 from ..io.files import read_adapter
 from ..io.keys import parse_file_key
 from ..peft_model import LoraModel, get_lora_model
+from ..storage.atomic import staging_directory
 from ..storage.hub import push_directory
 from ..tuner.kbit import dequantize_and_merge, prepare_model_for_kbit_training
 from . import training
@@ -167,9 +168,14 @@ def check_model_id(model: str) -> None:
         raise FileNotFoundError(f"--model {model!r} is not a directory and not a Hub repo id (org/name)")
 
 
-def check_output_dir(output: str, must_be_empty: bool = False) -> None:
+def check_output_dir(output: str, must_be_empty: bool = False, model: str | None = None) -> None:
     if os.path.exists(output) and not os.path.isdir(output):
         raise UsageError(f"--output {output!r} is a file: expected a directory")
+    if model is not None and os.path.isdir(model):
+        base, target = os.path.realpath(model), os.path.realpath(output)
+        if target == base or target.startswith(base + os.sep):
+            raise UsageError(f"--output {output!r} is inside --model {model!r}: the adapter would be written into "
+                             "the base model's directory; choose a directory outside it")
     if must_be_empty and os.path.isdir(output) and os.listdir(output):
         raise UsageError(f"--output {output!r} is not empty: choose a new or empty directory")
     parent = os.path.dirname(os.path.abspath(output))
@@ -206,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     examples = training.read_examples(args.data, args.task, args.text_column, args.label_column)
     num_labels = training.num_labels_for(examples, args.num_labels) if args.task == "seq-cls" else None
     check_model_id(args.model)
-    check_output_dir(args.output)
+    check_output_dir(args.output, model=args.model)
     config = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=args.target_modules, task_type=TASK_TYPES[args.task],
                         base_model_name_or_path=args.model)
@@ -225,8 +231,12 @@ def cmd_train(args: argparse.Namespace) -> dict:
     accelerator = training.make_accelerator()
     set_seed(args.seed)  # the same initial weights (LoRA A, a new head) on every process
     model = build()
-    result = training.train(accelerator, model, tokenizer, examples, args.task, settings,
-                            save=lambda trained: trained.save_pretrained(args.output), build_model=build)
+    def save(trained) -> None:
+        trained.save_pretrained(args.output)
+        training.save_label_names(args.output, examples.label_names)  # eval maps labels as train did
+
+    result = training.train(accelerator, model, tokenizer, examples, args.task, settings, save=save,
+                            build_model=build)
     if not accelerator.is_main_process:
         return {}
     return {"output": os.path.abspath(args.output), **result, "processes": accelerator.num_processes}
@@ -260,7 +270,8 @@ def _load_with_adapter(model_id: str, adapter: str, task: str | None, num_labels
 
 def cmd_eval(args: argparse.Namespace) -> dict:
 
-    examples = training.read_examples(args.data, args.task, args.text_column, args.label_column)
+    examples = training.read_examples(args.data, args.task, args.text_column, args.label_column,
+                                      training.read_label_names(args.adapter))
     if args.num_labels is not None and args.task == "seq-cls":
         training.num_labels_for(examples, args.num_labels)
     read_adapter_checked(args.adapter)  # before the tokenizer: a bad adapter is the likelier mistake
@@ -293,7 +304,7 @@ def cmd_merge(args: argparse.Namespace) -> dict:
             pass
     # Write next to the target, then move it in: a failure leaves no half-written model behind.
     parent = os.path.dirname(os.path.abspath(args.output))
-    staging = tempfile.mkdtemp(prefix=".peftlite-merge-", dir=parent)
+    staging = staging_directory(parent, ".peftlite-merge-")  # and clears those of killed merges
     try:
         merged.save_pretrained(staging)
         if tokenizer is not None:
@@ -343,7 +354,12 @@ def _print_table(info: dict) -> None:
 def cmd_inspect(args: argparse.Namespace) -> dict:
     config, weights = read_adapter_checked(args.adapter)
     info = describe_adapter(config, weights)
+    info["peft_compatibility"] = peft_compatibility(args.adapter)
     _print_table(info)
+    compat = info["peft_compatibility"]
+    print(f"loads in PEFT unchanged: {'yes' if compat['loads_in_peft_unchanged'] else 'no'}", file=sys.stderr)
+    for line in compat["blocking"] + compat["notes"]:
+        print(f"  - {line}", file=sys.stderr)
     return {"adapter": args.adapter, **info}
 
 

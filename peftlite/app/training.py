@@ -44,8 +44,14 @@ from transformers import (
     BitsAndBytesConfig,
 )
 
+from ..storage import hub
+from ..storage.atomic import atomic_write_all, prepare_directory, text_writer
+
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
+DATA_ENCODING = "utf-8-sig"  # UTF-8, with or without the byte-order mark Excel writes
+MAX_LABELS = 100_000  # a label id beyond this is a data error, not a classifier head to allocate
+LABELS_NAME = "peftlite_labels.json"  # beside adapter_config.json: the train file's string labels, id = index
 
 
 # ---- data --------------------------------------------------------------------
@@ -73,10 +79,13 @@ def check_data_path(path: str, task: str) -> str:
 
 def _read_rows(path: str, suffix: str) -> tuple[list[dict], list[str]]:
     """Rows as dicts, and the column names (CSV header, or keys of the first JSON object)."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding=DATA_ENCODING) as handle:
         if suffix in (".csv", ".tsv"):
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            return list(reader), list(reader.fieldnames or [])
+            try:
+                return list(reader), list(reader.fieldnames or [])
+            except csv.Error as err:  # e.g. a field over csv's 131,072-character limit
+                raise ValueError(f"data file {path!r} line {reader.line_num} is not valid CSV: {err}") from None
         rows = []
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -85,6 +94,9 @@ def _read_rows(path: str, suffix: str) -> tuple[list[dict], list[str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"data file {path!r} line {number} is not valid JSON: {err.msg}") from None
+            except RecursionError:
+                raise ValueError(f"data file {path!r} line {number} is nested too deeply: expected a flat JSON "
+                                 "object per line") from None
             if not isinstance(row, dict):
                 raise ValueError(f"data file {path!r} line {number} is {type(row).__name__}: expected a JSON object")
             rows.append(row)
@@ -115,25 +127,44 @@ def _as_int(value: object) -> int | None:
     return None
 
 
-def _label_ids(values: list, path: str) -> tuple[list[int], list[str] | None]:
-    """Integer labels as they are; string labels become the index in their sorted set."""
+def _label_ids(values: list, path: str, known: list[str] | None = None) -> tuple[list[int], list[str] | None]:
+    """Integer labels as they are; string labels become their index in `known` (the adapter's label
+    names, saved at train time) or else in their sorted set."""
     ids = [_as_int(v) for v in values]
-    if all(i is not None for i in ids):
-        if min(ids) < 0:
-            raise ValueError(f"label {min(ids)} in {path!r} is negative: expected 0 .. num_labels-1")
+    if all(i is not None for i in ids) and known is None:
+        if min(ids) < 0 or max(ids) >= MAX_LABELS:
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise ValueError(f"label {bad} in {path!r} is out of range: expected 0 .. num_labels-1 "
+                             f"(at most {MAX_LABELS} classes)")
         return ids, None
-    names = sorted({str(v) for v in values})
+    names = sorted({str(v) for v in values}) if known is None else list(known)
+    unknown = sorted({str(v) for v in values} - set(names))
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} in {path!r} are not among the adapter's labels {names[:20]}")
     index = {name: i for i, name in enumerate(names)}
     return [index[str(v)] for v in values], names
 
 
-def read_examples(path: str, task: str, text_column: str = "text", label_column: str = "label") -> Examples:
-    """Read and check a whole data file: ValueError / FileNotFoundError naming the file, column or row."""
+def read_examples(path: str, task: str, text_column: str = "text", label_column: str = "label",
+                  label_names: list[str] | None = None) -> Examples:
+    """Read and check a whole data file: ValueError / FileNotFoundError naming the file, column or row.
+
+    label_names: the adapter's (eval): string labels map to their index there.
+    """
+    try:
+        return _read_examples(path, task, text_column, label_column, label_names)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data file {path!r} is not UTF-8 text (byte {err.start}: {err.reason}): "
+                         "save it as UTF-8") from None
+
+
+def _read_examples(path: str, task: str, text_column: str, label_column: str,
+                   label_names: list[str] | None) -> Examples:
     if task not in TASK_TYPES:
         raise ValueError(f"task {task!r} is unknown: expected one of {list(TASK_TYPES)}")
     suffix = check_data_path(path, task)
     if suffix == ".txt":
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding=DATA_ENCODING) as handle:
             texts = [line.rstrip("\n") for line in handle if line.strip()]
         labels, names = None, None
     else:
@@ -143,10 +174,33 @@ def read_examples(path: str, task: str, text_column: str = "text", label_column:
         texts = [str(t) for t in _column(rows, columns, text_column, "--text-column", path)]
         labels, names = None, None
         if task == "seq-cls":
-            labels, names = _label_ids(_column(rows, columns, label_column, "--label-column", path), path)
+            labels, names = _label_ids(_column(rows, columns, label_column, "--label-column", path), path,
+                                       label_names)
     if not texts:
         raise ValueError(f"data file {path!r} has no texts")
     return Examples(texts, labels, names)
+
+
+def save_label_names(directory: str, names: list[str] | None) -> None:
+    """Write the train file's string labels (id = index) beside the adapter, as LABELS_NAME."""
+    if names is not None:
+        atomic_write_all(prepare_directory(directory), {LABELS_NAME: text_writer(json.dumps({"label_names": names}))})
+
+
+def read_label_names(adapter: str) -> list[str] | None:
+    """The label names saved with an adapter by `train`, or None (integer labels, or another tool's adapter)."""
+    try:
+        path = hub.resolve(adapter, LABELS_NAME)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            names = json.load(handle)["label_names"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a label map written by peftlite train ({err})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{path}: expected distinct label names, got {names!r}")
+    return names
 
 
 def num_labels_for(examples: Examples, num_labels: int | None) -> int:

@@ -82,6 +82,14 @@ def place(root: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sourc
             saved.setdefault(slot.path, {})[slot.part] = tensor
         else:
             base.append((slot.target, tensor))
+            if not _base_tensor_allowed(name, config, tensors):
+                unknown.append(name)  # reported below, with the reason
+    refused = [name for name in unknown if index.get(name) is not None]
+    if refused:
+        raise ValueError(f"{source}: carries base-model tensors {refused[:3]} that its config does not account for "
+                         f"(bias={config.bias!r}, targets {config.target_modules!r}): loading them would overwrite "
+                         "the base model; expected biases only with bias='all'/'lora_only' and embedding weights "
+                         "only for a targeted embedding layer")
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} keys match no module of this model, e.g. {unknown[:3]}; "
                          "expected PEFT keys such as 'base_model.model.<module path>.lora_A.weight' "
@@ -89,6 +97,22 @@ def place(root: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sourc
     if not pairs:
         raise ValueError(f"{source}: no LoRA weights (lora_A/lora_B keys) found: expected at least one pair")
     return pairs, saved, base
+
+
+def _base_tensor_allowed(name: str, config: LoraConfig, tensors: dict[str, Tensor]) -> bool:
+    """Whether a file may write base tensor `name`: a bias when its config trains biases, a full
+    embedding weight (PEFT's save_embedding_layers) when the file also holds LoRA for that layer."""
+    if name.rsplit(".", 1)[-1] == "bias":
+        return config.bias != "none"
+    layer = name.removesuffix(".weight").removesuffix(".base_layer")
+    return any(key.startswith(layer + ".lora_") for key in tensors)
+
+
+def remember_base(tuner: LoraTuner, adapter_name: str, changed: list[tuple[Tensor, Tensor]]) -> None:
+    """Keep the base tensors a file is about to overwrite, so delete_adapter and unload() put them back."""
+    backups = tuner.base_backups.setdefault(adapter_name, [])
+    known = {id(target) for target, _ in backups}
+    backups += [(target, target.detach().clone()) for target, _ in changed if id(target) not in known]
 
 
 def checked_pair(path: str, layer: LoraLayer, parts: dict[str, Tensor], r: int, source: str
@@ -228,6 +252,7 @@ def load_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, is_
             # .get: a module with no state (e.g. an activation) has no keys in the file
             copy = root.get_submodule(path).modules_to_save[adapter_name]
             copy.load_state_dict(saved.get(path, {}), strict=False, assign=low_cpu_mem_usage)
+        remember_base(tuner, adapter_name, changed)
         copy_base(changed, source)
     return LoadResult(missing_keys=[], unexpected_keys=[])
 
@@ -287,5 +312,6 @@ def hotswap_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, 
                 dropout.p = config.lora_dropout
         for path, module in copies.items():
             module.modules_to_save[adapter_name].load_state_dict(saved[path], strict=False)
+        remember_base(tuner, adapter_name, changed)
         copy_base(changed, source)
         tuner.peft_config[adapter_name] = config

@@ -18,7 +18,7 @@ from ..config import LoraConfig
 from ..layers import LoraLayer, ModulesToSave
 from ..tuner import LoraTuner
 from ..tuner.inject import plan_layers
-from .keys import PREFIX, adapter_tensors
+from .keys import PREFIX, adapter_tensors, checked_extras, set_extras
 from .loading import (
     LoadResult,
     check_base,
@@ -65,13 +65,29 @@ def _key_prefix(model: nn.Module) -> str:
 def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = None,
                               adapter_name: str = "default", unwrap_compiled: bool = False,
                               save_embedding_layers: bool | str = "auto") -> dict[str, Tensor]:
-    """Adapter `adapter_name`'s tensors under PEFT's file keys (`base_model.model.<path>.lora_A.weight`)."""
+    """Adapter `adapter_name`'s tensors under PEFT's file keys (`base_model.model.<path>.lora_A.weight`).
+
+    state_dict (PEFT's keyword): the model's state_dict as gathered elsewhere (FSDP, DeepSpeed
+    ZeRO-3, accelerate's get_state_dict); its values replace the model's own, matched by
+    in-memory name (`<path>.lora_A.<adapter>.weight` for the file's `<path>.lora_A.weight`).
+    """
     model = getattr(model, "_orig_mod", model) if unwrap_compiled else model
     tuner = tuner_of(model)
     tuner.check_adapter(adapter_name)
     tensors = adapter_tensors(tuner.model, tuner.peft_config[adapter_name], adapter_name)
     prefix = _key_prefix(model)
-    return tensors if prefix == PREFIX else {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    if prefix != PREFIX:
+        tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    if state_dict is not None:
+        given = {_file_key(k, adapter_name): v for k, v in state_dict.items()}
+        tensors = {k: given[k] if k in given and given[k].shape == v.shape else v for k, v in tensors.items()}
+    return tensors
+
+
+def _file_key(key: str, adapter_name: str) -> str:
+    """An in-memory state_dict key as PEFT's file names it: the adapter name (and a saved module's infix) gone."""
+    key = key.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")
+    return key.removesuffix(f".{adapter_name}")
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
@@ -92,10 +108,11 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     layers = {path: layer for path, _, layer in plan_layers(tuner.model, tuner.adapter_state, config, list(pairs))
               if isinstance(layer, LoraLayer) and adapter_name in layer.adapters}
     unexpected = sorted(set(pairs) - set(layers))
-    weights, skipped = {}, []
+    weights, extras, skipped = {}, {}, []
     for path, layer in layers.items():
         try:
             weights[path] = checked_pair(path, layer, pairs[path], layer.adapters[adapter_name].r, source)
+            extras[path] = checked_extras(path, layer, pairs[path], config, source)
         except ValueError:
             if not ignore_mismatched_sizes:
                 raise
@@ -106,6 +123,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     with tuner.adapter_state.lock:
         for path, pair in weights.items():
             layers[path].set_factors(adapter_name, *pair, in_place=not low_cpu_mem_usage)
+            set_extras(layers[path], adapter_name, extras[path], in_place=not low_cpu_mem_usage)
         for path, state in saved.items():
             module = tuner.model.get_submodule(path)
             if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:

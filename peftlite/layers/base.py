@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from .variants import Variant
 
 
+FP16_SCALING_LIMIT = 256.0  # √65504: a larger scaling makes float16 LoRA terms overflow for ordinary inputs
+
+
 @dataclass(eq=False)
 class AdapterState:
     """The per-model switchboard, shared by reference by every LoRA layer of one model.
@@ -126,6 +129,9 @@ class LoraLayer(nn.Module):
         self.lora_embedding_B = nn.ParameterDict()
         self.adapters: dict[str, LoraAdapter] = {}
         self.merged_adapters: list[str] = []  # merged into base_layer's weight, in merge order
+        # (weight, bias) before the first merge, so unmerge restores them bit for bit: subtracting ΔW
+        # again cannot undo rounding (bf16), an overflow (|ΔW| ≫ |W|) or a NaN. One copy while merged.
+        self.pre_merge: tuple[Tensor, Tensor | None] | None = None
         self.state = state
 
     # ---- PEFT's per-layer names ------------------------------------------------------------------
@@ -144,6 +150,10 @@ class LoraLayer(nn.Module):
     @property
     def use_dora(self) -> dict[str, bool]:
         return {name: record.variant.name == "dora" for name, record in self.adapters.items()}
+
+    @property
+    def lora_bias(self) -> dict[str, bool]:
+        return {name: record.lora_bias for name, record in self.adapters.items()}
 
     @property
     def merged(self) -> bool:
@@ -195,6 +205,11 @@ class LoraLayer(nn.Module):
             self.lora_B[name].register_parameter("bias", nn.Parameter(torch.zeros(rows, dtype=dtype, device=device)))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapters[name] = record
+        if weight.dtype == torch.float16 and abs(record.scaling) >= FP16_SCALING_LIMIT:
+            warnings.warn(f"adapter {name!r} has scaling {record.scaling:g} (lora_alpha {record.lora_alpha:g} / r) "
+                          f"on a float16 layer: its term overflows float16 (max 65504) to Inf for inputs of order 1; "
+                          f"expected a scaling below {FP16_SCALING_LIMIT} (lower lora_alpha, or use bfloat16)",
+                          stacklevel=3)
         if init is not None and device.type != "meta":
             self.init_factors(name, init)
         record.variant.create(self, name)  # after init: DoRA's magnitude starts at ‖W + ΔW‖ of the initial A, B
@@ -278,6 +293,9 @@ class LoraLayer(nn.Module):
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(f"merging adapter {name!r} would put NaN or Inf into "
                                      f"{type(self.base_layer).__name__}'s weight; nothing merged here")
+                if not self.merged_adapters:
+                    bias = getattr(self.base_layer, "bias", None)
+                    self.pre_merge = (weight.detach().clone(), None if bias is None else bias.detach().clone())
                 weight.copy_(new)
                 bias_delta = self.lora_bias_delta(name)
                 if bias_delta is not None:
@@ -286,9 +304,17 @@ class LoraLayer(nn.Module):
                 self.state.merged_count += 1
 
     def unmerge(self) -> None:
-        """Take every merged update out again, last merged first."""
+        """Take every merged update out again: the exact weight from before the first merge."""
         weight = self.merge_target()
         with torch.no_grad():
+            if self.pre_merge is not None and self.merged_adapters:
+                saved_weight, saved_bias = self.pre_merge
+                weight.copy_(saved_weight)
+                if saved_bias is not None:
+                    self.base_layer.bias.copy_(saved_bias)
+                self.state.merged_count -= len(self.merged_adapters)
+                self.merged_adapters.clear()
+            self.pre_merge = None
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 weight.copy_(self.adapters[name].variant.unmerged_weight(self, name, weight))

@@ -48,10 +48,19 @@ class Routing:
     and a model's many layers all reuse one grouping.
     """
 
-    def __init__(self, state: "AdapterState", names: Sequence[str]) -> None:
+    def __init__(self, state: "AdapterState", names: Sequence[str], exact_rows: bool = False) -> None:
         self.state = state
         self.names = tuple(names)
+        # A forward call (not generate, which expands each sample to beams): a layer input of 3 or more
+        # dims, (N, T, ...), must have N = B; N = m·B there means a model that is not batch-first.
+        self.exact_rows = exact_rows
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Rows]]] = {}
+
+    def check_input(self, x: Tensor) -> None:
+        if self.exact_rows and x.dim() >= 3 and x.shape[0] != len(self.names):
+            raise ValueError(f"a layer input has shape {tuple(x.shape)} but adapter_names has {len(self.names)} "
+                             "entries: expected the batch on dim 0 of every layer input (a time-major model "
+                             "cannot take adapter_names)")
 
     def groups(self, rows: int, device: torch.device) -> list[tuple[str, Rows]]:
         """[(adapter name, rows)] covering all `rows` rows of a layer input, each name once."""
@@ -99,6 +108,7 @@ def mixed_lora_forward(layer: "LoraLayer", routing: Routing, x: Tensor, *args: A
     x: (N, ...) with N = B or m·B (see the module docstring); result (N, ..., out).
     Groups whose adapter is "__base__" or not on this layer add nothing.
     """
+    routing.check_input(x)
     result = layer.base_layer(x, *args, **kwargs)
     if layer.state.disabled or _stacked_linear_terms(layer, routing, x, result):
         return result
@@ -158,6 +168,7 @@ def mixed_saved_forward(module: "ModulesToSave", routing: Routing, x: Tensor, *a
     x: (N, ...) split on dim 0 like a LoRA layer's input; other arguments are passed unchanged.
     A module returning a tuple (or list) of tensors gets each element stitched the same way.
     """
+    routing.check_input(x)
     parts = []
     for name, rows in routing.groups(x.shape[0], x.device):
         use_copy = not module.state.disabled and name in module.modules_to_save

@@ -101,7 +101,7 @@ class ParamWrapper(LoraLayer):
 
     def init_factors(self, name: str, init: bool | str) -> None:
         """PEFT's init of its nn.Linear factors; "gaussian" uses std 1/r (r per expert), as PEFT does."""
-        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        lora_A, lora_B = self.factors(name)
         with torch.no_grad():
             if init == "gaussian":
                 nn.init.normal_(lora_A, std=1 / self.adapters[name].r)
@@ -116,11 +116,15 @@ class ParamWrapper(LoraLayer):
         return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
 
     def per_expert(self, name: str) -> tuple[Tensor, Tensor]:
-        """(A (E, r, in), B (E, out, r)) of adapter `name`: views of PEFT's layout."""
+        """(A (E, r, in), B (E, out, r)) of adapter `name` from PEFT's layout.
+
+        A is a view; B is copied (E·out·r values) so each B_e is contiguous: PEFT's
+        expert-minor columns would make every per-expert product gather strided memory.
+        """
         lora_A, lora_B = self.factors(name)
         experts = self.num_experts
         return (lora_A.view(experts, -1, lora_A.shape[-1]),
-                lora_B.view(lora_B.shape[0], -1, experts).permute(2, 0, 1))
+                lora_B.view(lora_B.shape[0], -1, experts).permute(2, 0, 1).contiguous())
 
     def delta_weight(self, name: str) -> Tensor:
         """ΔW shaped like the parameter: (E, out, in), (E, in, out) if transposed, (out, in) for 2-D."""
@@ -155,9 +159,9 @@ class ParamWrapper(LoraLayer):
             terms = {param: [(*w.per_expert(n), w.adapters[n].scaling) for n in names]
                      for param, (w, names) in running.items()}
             return routed_experts_forward(module, x, args[0], args[1], terms)
-        weights = {}
+        weights: dict[str, Tensor] = {}
         for param, (w, names) in running.items():
-            value = w.get_param()
+            value: Tensor = w.get_param()
             for name in names:
                 value = value + w.delta_weight(name).to(value.dtype)
             weights[param] = value
@@ -174,9 +178,9 @@ def routes_itself(module: nn.Module, running: dict, args: tuple, kwargs: dict) -
 Terms = list[tuple[Tensor, Tensor, float]]  # per running adapter: A (E, r, in), B (E, out, r), s
 
 
-def routed_experts_forward(experts: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+def routed_experts_forward(experts: Any, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                            terms: dict[str, Terms]) -> Tensor:
-    """transformers' experts forward with LoRA on the routed tokens only.
+    """transformers' experts forward with LoRA on the routed tokens only (`experts`: a module of theirs).
 
     hidden (T, d), top_k_index and top_k_weights (T, k). The T·k (token, expert)
     pairs are sorted by expert, each expert's rows go through its up (or
@@ -200,7 +204,7 @@ def routed_experts_forward(experts: nn.Module, hidden: Tensor, top_k_index: Tens
     return unsorted.view(-1, top_k, out.shape[-1]).sum(dim=1).to(hidden.dtype)
 
 
-def _experts_linear(experts: nn.Module, name: str, rows: Tensor, counts: list[int], terms: Terms) -> Tensor:
+def _experts_linear(experts: Any, name: str, rows: Tensor, counts: list[int], terms: Terms) -> Tensor:
     """Expert e's rows times its weight (+ bias) + Σ s·(rows A_eᵀ) B_eᵀ: (S, in) -> (S, out)."""
     weight = getattr(experts, name)  # (E, out, in), or (E, in, out) when transposed
     bias = getattr(experts, name + "_bias") if experts.has_bias else None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -190,3 +192,16 @@ def _alive(pid: str) -> bool:
     except OSError:
         return True
     return True
+
+
+def staging_directory(parent: str | os.PathLike, prefix: str) -> str:
+    """A new hidden directory `<prefix><pid>-XXXX` in `parent`; those of dead processes are removed first.
+
+    For a whole directory written aside and then renamed into place (a merged model):
+    a run killed outright leaves its directory behind, and the next run clears it.
+    """
+    for entry in os.scandir(parent):
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False) and not _alive(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)

@@ -71,7 +71,7 @@ def check_parameter_config(config: LoraConfig) -> None:
                         ("lora_bias", config.lora_bias), ("use_dora", config.use_dora)):
         if value:
             raise ValueError(f"{name}={value!r} does not work with target_parameters (LoRA on a parameter is "
-                             f"folded into it, as in PEFT): expected {name}={type(value)() if value else value!r}")
+                             "folded into it, as in PEFT): expected it off")
 
 
 def parameter_layout(model: nn.Module, targets: list[tuple[str, str]]) -> list[tuple[str, str, int]]:
@@ -95,8 +95,10 @@ def parameter_layout(model: nn.Module, targets: list[tuple[str, str]]) -> list[t
 def plan_parameter_layers(model: nn.Module, state: AdapterState, config: LoraConfig,
                           targets: list[tuple[str, str]]) -> list[tuple[str, nn.Module, LoraLayer]]:
     """(module path, module there before, wrapper) per target, new wrappers nested in order; changes nothing."""
+    if not targets:
+        return []
     check_parameter_config(config)
-    planned = []
+    planned: list[tuple[str, nn.Module, LoraLayer]] = []
     tops: dict[str, nn.Module] = {}
     for path, param_name in targets:
         top = tops.get(path, model.get_submodule(path))

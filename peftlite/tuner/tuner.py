@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -53,6 +54,9 @@ class LoraTuner(nn.Module):
         self.adapter_state = AdapterState(fast=fast_path_default())
         self.targeted_module_names: list[str] = []
         self.unloaded = False
+        # {adapter: [(base tensor, its value before that adapter's file overwrote it)]}: biases or
+        # embedding weights a PEFT file carries; delete_adapter and unload() put them back.
+        self.base_backups: dict[str, list[tuple[Tensor, Tensor]]] = {}
         if isinstance(config, dict):
             if len(config) != 1:
                 raise ValueError(f"config {config!r} is invalid: expected one LoraConfig (or {{name: LoraConfig}})")
@@ -79,7 +83,7 @@ class LoraTuner(nn.Module):
         with self.adapter_state.lock.running():
             if adapter_names is None:
                 return self.model(*args, **kwargs)
-            with self.mixed_adapters(adapter_names, batch_size_of(args, kwargs)):
+            with self.mixed_adapters(adapter_names, batch_size_of(args, kwargs), exact_rows=True):
                 return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -90,7 +94,8 @@ class LoraTuner(nn.Module):
                 return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def mixed_adapters(self, adapter_names: Sequence[str], batch_size: int | None = None) -> Iterator[Routing]:
+    def mixed_adapters(self, adapter_names: Sequence[str], batch_size: int | None = None,
+                       exact_rows: bool = False) -> Iterator[Routing]:
         """Inside the block, this thread's calls of the model run sample i with adapter_names[i].
 
         Raises ValueError before anything runs: a non-list, a wrong length, an unknown
@@ -100,7 +105,7 @@ class LoraTuner(nn.Module):
         if batch_size is not None and batch_size != len(names):
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} samples: "
                              "expected one adapter name per sample")
-        routing = Routing(self.adapter_state, names)
+        routing = Routing(self.adapter_state, names, exact_rows)
         token = ROUTING.set({**ROUTING.get(), self.adapter_state: routing})
         self.adapter_state.mixed_calls.append(token)
         try:
@@ -214,6 +219,7 @@ class LoraTuner(nn.Module):
                 layer.delete_adapter(adapter_name)
             for _, module in self.saved_modules():
                 module.delete_adapter(adapter_name)
+            self._restore_base([adapter_name])
             del self.peft_config[adapter_name]
             state = self.adapter_state
             if adapter_name in state.active:
@@ -281,8 +287,20 @@ class LoraTuner(nn.Module):
             layers = [layer for _, layer in self.lora_layers()]
             if safe_merge:
                 self._check_finite_merge(layers, names)
+            self._warn_tied(names)
             for layer in layers:
                 layer.merge(adapter_names=[n for n in names if n in layer.adapters])
+
+    def _warn_tied(self, names: list[str]) -> None:
+        """Warn, as PEFT does, when a merge writes into a weight another module shares (tied lm_head/embeddings)."""
+        owners: dict[int, list[str]] = {}
+        for path, param in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(param), []).append(path)
+        for path, layer in self.lora_layers():
+            weight = getattr(layer.base_layer, "weight", None)
+            if weight is not None and len(owners.get(id(weight), ())) > 1 and set(names) & set(layer.adapters):
+                warnings.warn(f"merging into {path!r} also changes {owners[id(weight)]}: their weights are tied; "
+                              "the merged model's tied modules all carry this adapter's update", stacklevel=3)
 
     def _check_finite_merge(self, layers: list[LoraLayer], names: list[str]) -> None:
         for layer in layers:
@@ -313,6 +331,7 @@ class LoraTuner(nn.Module):
             layers = [layer for _, layer in self.lora_layers()]
             if safe_merge:
                 self._check_finite_merge(layers, todo)
+            self._warn_tied(todo)
             for layer in tqdm(layers, disable=not progressbar, desc="Unloading and merging model"):
                 layer.merge(adapter_names=[n for n in todo if n in layer.adapters])
             return self._unwrap(keep_saved_copy=True)
@@ -321,7 +340,15 @@ class LoraTuner(nn.Module):
         """Return the model exactly as it was: LoRA dropped, weights unmerged, saved modules restored."""
         with self.adapter_state.lock:
             self.unmerge_adapter()
+            self._restore_base(list(reversed(self.base_backups)))
             return self._unwrap(keep_saved_copy=False)
+
+    def _restore_base(self, adapter_names: list[str]) -> None:
+        """Put back the base tensors (biases, embedding weights) these adapters' files overwrote."""
+        with torch.no_grad():
+            for name in adapter_names:
+                for target, original in self.base_backups.pop(name, []):
+                    target.copy_(original)
 
     def _unwrap(self, keep_saved_copy: bool) -> nn.Module:
         for path, layer in self.lora_layers():
@@ -354,11 +381,18 @@ class LoraTuner(nn.Module):
 
 
 def batch_size_of(args: tuple, kwargs: dict) -> int | None:
-    """The batch size of a model call: dim 0 of the first tensor input, or None if there is none."""
+    """The batch size of a model call: dim 0 of the first tensor input (inside dicts, lists and
+    tuples too, e.g. a model taking a dict of tensors), or None if there is none."""
     for key in ("input_ids", "inputs_embeds", "pixel_values"):
         if isinstance(kwargs.get(key), Tensor):
             return kwargs[key].shape[0]
-    for value in (*args, *kwargs.values()):
+    values = [*args, *kwargs.values()]
+    while values:
+        value = values.pop(0)
         if isinstance(value, Tensor) and value.dim() > 0:
             return value.shape[0]
+        if isinstance(value, dict):
+            values[:0] = list(value.values())
+        elif isinstance(value, (list, tuple)):
+            values[:0] = list(value)
     return None

@@ -67,18 +67,22 @@ class DoraMagnitude(nn.Module):
         """A copy (deepcopy, pickle) drops the caches: their weak references cannot be copied."""
         return {**self.__dict__, "_row_sq": None, "_norm": None}
 
-    def row_norm(self, weight_rows: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-        """`row_norm` below, cached: recomputed only when W, A, B or s changed since the last call."""
-        tensors = (weight_rows, lora_A, lora_B)
+    def row_norm(self, weight_rows: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                 sources: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """`row_norm` below, cached: recomputed only when W, A, B or s changed since the last call.
+
+        sources: the parameters (W, A, B) the three arguments are views of; the cache is keyed
+        by them, since a view made afresh for each call would never match.
+        """
+        tensors = sources if sources is not None else (weight_rows, lora_A, lora_B)
         if self._norm is not None and self._norm[1].dtype == lora_A.dtype and _same(self._norm[0][:-1], tensors) \
                 and self._norm[0][-1] == scaling:
             return self._norm[1]
-        if self._row_sq is None or not _same(self._row_sq[0], (weight_rows,)):
-            self._row_sq = (_key(weight_rows), weight_rows.detach().float().square().sum(1))
+        if self._row_sq is None or not _same(self._row_sq[0], tensors[:1]):
+            self._row_sq = (_key(tensors[0]), weight_rows.detach().float().square().sum(1))
         norm = row_norm(weight_rows, lora_A, lora_B, scaling, self._row_sq[1])
         self._norm = ((*_key(*tensors), scaling), norm)
         return norm
-
 
 @torch.no_grad()
 def row_norm(weight_rows: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -222,8 +226,10 @@ class Dora:
         """g = m / ‖W + s·ΔW‖ per row (rows,), the norm detached and cached."""
         magnitude = _magnitude(layer, adapter)
         lora_A, lora_B = _factor_rows(layer, adapter)
-        rows = _rows(layer.base_layer.weight, _kind(layer), getattr(layer, "fan_in_fan_out", False))
-        norm = magnitude.row_norm(rows, lora_A, lora_B, layer.adapters[adapter].scaling)
+        weight = layer.base_layer.weight
+        rows = _rows(weight, _kind(layer), getattr(layer, "fan_in_fan_out", False))
+        norm = magnitude.row_norm(rows, lora_A, lora_B, layer.adapters[adapter].scaling,
+                                  sources=(weight, *layer.factors(adapter)))
         return magnitude.weight.view(-1) / norm
 
     def forward(self, layer: "LoraLayer", adapter: str, x: Tensor, result: Tensor) -> Tensor:
