@@ -34,7 +34,7 @@ from ..io.keys import parse_file_key
 from ..peft_model import LoraModel, get_lora_model
 from ..storage.atomic import staging_directory
 from ..storage.hub import push_directory
-from ..tuner.kbit import dequantize_and_merge, prepare_model_for_kbit_training
+from ..tuner.kbit import dequantize_and_merge, prepare_model_for_kbit_training, quantization_kwargs
 from . import training
 from .demo import run as run_demo
 from .training import TASK_TYPES, has_tokenizer
@@ -261,8 +261,7 @@ def _load_with_adapter(model_id: str, adapter: str, task: str | None, num_labels
         import transformers
         architectures = transformers.AutoConfig.from_pretrained(model_id).architectures or []
         model_class = getattr(transformers, architectures[0], None) if architectures else None
-        base = (model_class or transformers.AutoModel).from_pretrained(
-            model_id, **training.quantization_kwargs(load_in_bits))
+        base = (model_class or transformers.AutoModel).from_pretrained(model_id, **quantization_kwargs(load_in_bits))
     else:
         base = training.load_base_model(model_id, task, num_labels or head, pad_token_id, load_in_bits)
     return LoraModel.from_pretrained(base, adapter)

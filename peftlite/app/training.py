@@ -21,7 +21,6 @@ exactly like 1 process with batch size N·b on the same global batches:
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -41,11 +40,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BitsAndBytesConfig,
 )
 
 from ..storage import hub
 from ..storage.atomic import atomic_write_all, prepare_directory, text_writer
+from ..tuner.kbit import quantization_kwargs
 
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt")
@@ -235,23 +234,6 @@ def load_tokenizer(model_id: str):
             raise ValueError(f"tokenizer of {model_id!r} has neither a pad nor an EOS token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def quantization_kwargs(bits: int | None) -> dict:
-    """from_pretrained arguments for a bitsandbytes base: QLoRA's 4-bit nf4 with double quantization, or
-    LLM.int8; on this process's GPU if there is one, else on CPU (bitsandbytes runs there too)."""
-    if bits is None:
-        return {}
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"--load-in-{bits}bit needs bitsandbytes: pip install 'peftlite[quant]'")
-    if bits == 4:
-        compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=compute)
-    else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def load_base_model(model_id: str, task: str, num_labels: int | None = None, pad_token_id: int | None = None,

@@ -9,12 +9,15 @@ saves and loads like any transformers model.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import os
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
 
 from ..layers import QuantizedLinear
 from ..layers.quantized import bitsandbytes, is_quantized_linear, undo_cpu_inference_packing
@@ -128,3 +131,20 @@ def dequantize_and_merge(model: nn.Module, adapter_names: list[str] | None = Non
 def _config_dtype(model: nn.Module) -> torch.dtype | None:
     dtype = getattr(getattr(model, "config", None), "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def quantization_kwargs(bits: int | None) -> dict[str, Any]:
+    """from_pretrained arguments for a bitsandbytes base (the CLI's --load-in-4bit / --load-in-8bit): QLoRA's
+    4-bit nf4 with double quantization, or LLM.int8; on this process's GPU if there is one, else on CPU."""
+    if bits is None:
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"--load-in-{bits}bit needs bitsandbytes: pip install 'peftlite[quant]'")
+    if bits == 4:
+        compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}

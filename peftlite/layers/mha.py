@@ -1,0 +1,98 @@
+"""LoRA on nn.MultiheadAttention: its fused in_proj and its out_proj, as PEFT 0.21 does it.
+
+torch's MultiheadAttention computes with `in_proj_weight` (3·E, E) and
+`out_proj.weight` (E, E) directly, never through a submodule's forward, so
+LoRA cannot be added to an output there. As in PEFT, the layer holds
+
+    lora_A[name] (r, E), lora_B[name] (3·E, r)   on in_proj_weight,
+    base_layer.out_proj: a LoRA Linear with its own pair (r, E), (E, r),
+
+(PEFT's in-memory names and file keys: `<path>.lora_A.weight` and
+`<path>.base_layer.out_proj.lora_A.weight`), and runs the module with
+W_in + ΔW_in and W_out + ΔW_out substituted for the one call
+(torch.func.functional_call), where PEFT merges and unmerges around it.
+The out_proj layer is a second LoRA layer of the model: it is planned,
+installed, merged and saved like any other (tuner/inject.py plans it with
+this one). Query, key and value must share one embedding size, as in PEFT.
+Mixed-adapter batches are refused, as PEFT refuses them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .. import functional as LF
+from .base import AdapterState, LoraLayer
+from .linear import Linear
+from .mixed import active_routing
+
+
+class MultiheadAttention(LoraLayer):
+    """LoRA on nn.MultiheadAttention's in_proj (here) and out_proj (`out_layer`, at base_layer.out_proj)."""
+
+    def __init__(self, base_layer: nn.MultiheadAttention, state: AdapterState) -> None:
+        if not base_layer._qkv_same_embed_dim:
+            raise ValueError("nn.MultiheadAttention with kdim/vdim other than embed_dim cannot take LoRA (nor in "
+                             "PEFT): expected query, key and value of one embedding size")
+        super().__init__(base_layer, state)
+        self.in_features, self.out_features = base_layer.embed_dim, 3 * base_layer.embed_dim
+        out_proj = base_layer.out_proj
+        self.out_layer: Linear = out_proj if isinstance(out_proj, Linear) else Linear(out_proj, state)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.in_proj_weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.in_proj_bias
+
+    def base_weight_reference(self) -> Tensor:
+        return self.base_layer.in_proj_weight
+
+    def merge_target(self) -> Tensor:
+        return self.base_layer.in_proj_weight
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.in_features), (self.out_features, r)
+
+    def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_A[name] = nn.utils.skip_init(nn.Linear, self.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.utils.skip_init(nn.Linear, r, self.out_features, bias=False, dtype=dtype,
+                                               device=device)
+
+    def init_factors(self, name: str, init: bool | str) -> None:
+        LF.init_lora_pair(*self.factors(name), init)
+
+    def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
+        return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
+
+    def delta_weight(self, name: str) -> Tensor:
+        lora_A, lora_B = self.factors(name)
+        return LF.linear_delta_weight(lora_A, lora_B, self.adapters[name].scaling, False)
+
+    def lora_term(self, x: Tensor, name: str) -> Tensor:
+        raise ValueError("LoRA on nn.MultiheadAttention changes its weights, it adds no separate output term")
+
+    def forward(self, query: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if active_routing(self.state) is not None:
+            raise ValueError("nn.MultiheadAttention with LoRA takes no mixed-adapter batches (nor in PEFT): call "
+                             "the model without adapter_names")
+        out_layer = self.base_layer.out_proj
+        in_names = self.running_adapters()
+        out_names = out_layer.running_adapters() if isinstance(out_layer, LoraLayer) else []
+        if not in_names and not out_names:
+            return self.base_layer(query, *args, **kwargs)
+        weights: dict[str, Tensor] = {}
+        if in_names:
+            in_weight: Tensor = self.base_layer.in_proj_weight
+            weights["in_proj_weight"] = in_weight + sum(self.delta_weight(n).to(in_weight.dtype) for n in in_names)
+        if out_names:
+            out_weight: Tensor = out_layer.base_layer.weight
+            weights["out_proj.base_layer.weight"] = out_weight + sum(
+                out_layer.delta_weight(n).to(out_weight.dtype) for n in out_names)
+        return functional_call(self.base_layer, weights, (query, *args), kwargs)
