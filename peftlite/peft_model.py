@@ -35,6 +35,9 @@ HUB_ARGUMENTS = ("revision", "subfolder", "token", "cache_dir", "local_files_onl
 class LoraModel(nn.Module):
     """A model with LoRA adapters, PEFT's `PeftModel` in shape and names."""
 
+    # transformers' Trainer trains a quantized model only if this says it carries adapters (QLoRA)
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: LoraConfig | None, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         """Wrap `model` with adapter `adapter_name` made from `config` (None: no adapter yet, for loading)."""

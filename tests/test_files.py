@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import MLP, tiny_gpt2, tiny_llama, token_batch
 
 import peftlite.io.files as files
+import peftlite.storage.atomic as atomic
 from peftlite import LoraConfig, LoraModel, get_lora_model
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -275,7 +276,7 @@ def test_atomic_write_all_removes_staged_files_when_a_writer_fails(tmp_path):
         open(path, "w").write("half")
         raise RuntimeError("crash")
     with pytest.raises(RuntimeError):
-        files.atomic_write_all(tmp_path, {"a.txt": files.text_writer("new a"), "b.txt": fail})
+        atomic.atomic_write_all(tmp_path, {"a.txt": files.text_writer("new a"), "b.txt": fail})
     assert os.listdir(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
 
 

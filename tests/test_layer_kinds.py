@@ -152,6 +152,8 @@ def test_moe_files_both_ways(arch, tmp_path):
     ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert ours_file.keys() == theirs_file.keys()
     assert any(k.endswith("experts.base_layer.lora_A.weight") for k in ours_file)
+    experts = ours.base_model.model.model.layers[1].mlp.experts
+    assert ours_file["base_model.model.model.layers.1.mlp.experts.lora_A.weight"].shape[0] == 3 * experts.num_experts
     for name, tensor in theirs_file.items():
         torch.testing.assert_close(ours_file[name], tensor, atol=0, rtol=0, msg=name)
     expected = logits(reference, ids())
@@ -383,3 +385,72 @@ def test_inspect_says_whether_peft_loads_it(tmp_path, capsys):
     peft_model = peft_get_peft_model(tiny_gpt2(), PeftLoraConfig(r=2, target_modules=["c_attn"]))
     peft_model.save_pretrained(tmp_path / "plain")
     assert inspect_json(tmp_path / "plain", capsys) == {"loads_in_peft_unchanged": True, "blocking": [], "notes": []}
+
+
+# ---- nn.MultiheadAttention (LoRA on in_proj and out_proj) ---------------------------------------------
+class AttentionModel(torch.nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mha(x, x, x, need_weights=False)[0])
+
+
+MHA_FIELDS = dict(r=2, lora_alpha=3, target_modules=["mha"], init_lora_weights=False)
+
+
+def attention_input() -> torch.Tensor:
+    return torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+
+
+def test_multihead_attention_matches_peft(tmp_path):
+    reference, ours = pair(AttentionModel, MHA_FIELDS)
+    assert ({n for n, _ in ours.named_parameters() if "lora_" in n}
+            >= {"base_model.model.mha.base_layer.out_proj.lora_A.default.weight", "base_model.model.mha.lora_A.default.weight"})
+    x = attention_input()
+    with torch.no_grad():
+        expected = reference(x)
+        assert not torch.allclose(expected, AttentionModel()(x), atol=1e-3)
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-4)
+    reference.train()
+    ours.train()
+    grads = []
+    for model in (reference, ours):
+        model(x).pow(2).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    reference.eval()
+    ours.eval()
+    reference.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    assert (load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
+            == load_file(tmp_path / "peft" / "adapter_model.safetensors").keys())
+    with torch.no_grad():
+        torch.testing.assert_close(LoraModel.from_pretrained(AttentionModel(), tmp_path / "peft")(x), expected,
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(PeftModel.from_pretrained(AttentionModel(), tmp_path / "ours")(x), expected,
+                                   atol=1e-5, rtol=1e-4)
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-4)
+        ours.unmerge_adapter()
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-4)
+        merged = ours.merge_and_unload()
+        assert type(merged.mha) is torch.nn.MultiheadAttention and type(merged.mha.out_proj) is not LoraModel
+        assert isinstance(merged.mha.out_proj, torch.nn.Linear) and not hasattr(merged.mha.out_proj, "lora_A")
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-4)
+        plain = pair(AttentionModel, MHA_FIELDS)[1].unload()
+        torch.testing.assert_close(plain(x), AttentionModel()(x), atol=0, rtol=0)
+
+
+def test_multihead_attention_refuses_mixed_batches():
+    _, ours = pair(AttentionModel, MHA_FIELDS)
+    ours.add_adapter("other", LoraConfig(**MHA_FIELDS))
+    ours.eval()
+    with pytest.raises(ValueError, match="mixed-adapter"):
+        ours(attention_input(), adapter_names=["default", "other", "__base__"])

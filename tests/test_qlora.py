@@ -29,11 +29,13 @@ from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    TrainingArguments,
 )
 
 import peftlite  # noqa: E402
 from peftlite import dequantize_and_merge, prepare_model_for_kbit_training  # noqa: E402
 from peftlite.app.cli import main  # noqa: E402
+from peftlite.integrations import LoraTrainer  # noqa: E402
 
 QUANTS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -169,22 +171,25 @@ def test_modules_to_save_and_all_linear_over_4bit(saved):
 
 
 # ---- files ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("quant", list(QUANTS))
-def test_files_load_both_ways_and_on_the_float_base(saved, quant, tmp_path):
-    theirs, ours = pair(saved, "llama", quant)
+def test_files_load_both_ways_and_on_the_float_base(saved, arch, quant, tmp_path):
+    """GPT-2: transformers quantizes its Conv1D layers into (out, in) Linear4bit/8bitLt; on the float base
+    the same A and B serve the Conv1D (fan_in_fan_out), in PEFT and in peftlite."""
+    theirs, ours = pair(saved, arch, quant)
     for model in (theirs, ours):
         model.train()
     theirs.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
     batch = ids()
     reference = logits(theirs, batch)
-    ours_from_peft = peftlite.PeftModel.from_pretrained(load(saved["llama"], quant), str(tmp_path / "peft")).train()
-    peft_from_ours = peft.PeftModel.from_pretrained(load(saved["llama"], quant), str(tmp_path / "ours")).train()
+    ours_from_peft = peftlite.PeftModel.from_pretrained(load(saved[arch], quant), str(tmp_path / "peft")).train()
+    peft_from_ours = peft.PeftModel.from_pretrained(load(saved[arch], quant), str(tmp_path / "ours")).train()
     torch.testing.assert_close(logits(ours_from_peft, batch), reference, rtol=0, atol=0)
     torch.testing.assert_close(logits(peft_from_ours, batch), reference, rtol=0, atol=0)
     # either file on the float base: the same outputs in PEFT and peftlite
-    float_ours = peftlite.PeftModel.from_pretrained(load(saved["llama"], None), str(tmp_path / "peft"))
-    float_peft = peft.PeftModel.from_pretrained(load(saved["llama"], None), str(tmp_path / "ours"))
+    float_ours = peftlite.PeftModel.from_pretrained(load(saved[arch], None), str(tmp_path / "peft"))
+    float_peft = peft.PeftModel.from_pretrained(load(saved[arch], None), str(tmp_path / "ours"))
     torch.testing.assert_close(logits(float_ours.eval(), batch), logits(float_peft.eval(), batch))
 
 
@@ -372,3 +377,19 @@ def test_merging_two_adapters_one_by_one_rounds_once(saved):
     assert errors[1] <= errors[0] * 1.05, errors
     ours.unmerge_adapter()
     assert_same_bytes(before, packed_bytes(ours))
+
+
+def test_lora_trainer_trains_over_a_4bit_base(saved, tmp_path):
+    """transformers' Trainer refuses a quantized model without adapters; a LoraModel says it has them."""
+    base = prepare_model_for_kbit_training(load(saved["llama"], "nf4"), use_gradient_checkpointing=False)
+    model = peftlite.get_peft_model(base, peftlite.LoraConfig(r=4, target_modules=TARGETS["llama"],
+                                                              task_type="CAUSAL_LM"))
+    before = packed_bytes(model)
+    lora_B = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=2, save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    data = [{"input_ids": row, "labels": row} for row in ids(batch=8)]
+    LoraTrainer(model=model, args=args, train_dataset=data).train()
+    assert lora_B.abs().sum() > 0  # B starts at zero: the adapter trained
+    assert_same_bytes(before, packed_bytes(model))

@@ -129,8 +129,9 @@ def _as_int(value: object) -> int | None:
 def _label_ids(values: list, path: str, known: list[str] | None = None) -> tuple[list[int], list[str] | None]:
     """Integer labels as they are; string labels become their index in `known` (the adapter's label
     names, saved at train time) or else in their sorted set."""
-    ids = [_as_int(v) for v in values]
-    if all(i is not None for i in ids) and known is None:
+    maybe_ids = [_as_int(v) for v in values]
+    ids = [i for i in maybe_ids if i is not None]
+    if len(ids) == len(maybe_ids) and known is None:
         if min(ids) < 0 or max(ids) >= MAX_LABELS:
             bad = min(ids) if min(ids) < 0 else max(ids)
             raise ValueError(f"label {bad} in {path!r} is out of range: expected 0 .. num_labels-1 "

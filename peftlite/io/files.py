@@ -12,10 +12,12 @@ what was read into a model is loading.py's job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,7 +43,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 CARD_NAME = "README.md"
 CONFIG_HASH_KEY = "peftlite_config_sha256"  # safetensors metadata: which config these weights were saved with
-HASH_IGNORES = ("base_model_name_or_path", "revision", "inference_mode")
+# What turns the same tensors into other outputs without any key or shape check noticing: the scaling.
+HASHED_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
 
 # ---- config <-> file -----------------------------------------------------------------------------
@@ -70,8 +73,9 @@ def read_weights(model_id_or_path: str, device: str | torch.device = "cpu",
         tensors = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises pickle, zip and runtime errors alike for a bad file
         raise ValueError(f"{path}: not a readable weights-only torch file ({err})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
-        raise ValueError(f"{path}: expected a dict of tensors")
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"{path}: expected a dict of tensors under string keys (PEFT's tensor names)")
     return tensors, path
 
 
@@ -137,8 +141,9 @@ def save_adapters(root: nn.Module, configs: dict[str, LoraConfig], save_director
             config = converted_config(config)
             tensors = converted_tensors(tensors, initial, source)
         metadata = {"format": "pt", CONFIG_HASH_KEY: config_hash(config)}
-        writers = {WEIGHTS_NAME: lambda path, t=tensors, m=metadata: write_safetensors(t, path, metadata=m),
-                   CONFIG_NAME: text_writer(config.to_json_file_text())}
+        writers: dict[str, Callable[[str], None]] = {
+            WEIGHTS_NAME: functools.partial(write_safetensors, tensors, metadata=metadata),
+            CONFIG_NAME: text_writer(config.to_json_file_text())}
         card = model_card(directory / CARD_NAME, config.base_model_name_or_path, root, config.task_type)
         if card is not None:
             writers[CARD_NAME] = text_writer(card)
@@ -147,12 +152,14 @@ def save_adapters(root: nn.Module, configs: dict[str, LoraConfig], save_director
 
 
 def config_hash(config: LoraConfig) -> str:
-    """A hash of what the config says about the weights (not where the base model came from).
+    """A hash of the config fields that set each layer's scaling (HASHED_FIELDS).
 
     Stored in the weights file's safetensors metadata (PEFT ignores it), so a load
-    can tell a config from another save (an interrupted save, a copied file).
+    can tell a config from another save (a copied file, a save torn by another tool):
+    with the same r and target modules nothing else would notice a lora_alpha of 8
+    beside weights saved with 32. Other edits (modules_to_save, task_type) stay free.
     """
-    data = {k: v for k, v in config.to_file_dict().items() if k not in HASH_IGNORES}
+    data = {k: v for k, v in config.to_file_dict().items() if k in HASHED_FIELDS}
     return hashlib.sha256(json.dumps(_numbers_as_floats(data), sort_keys=True).encode()).hexdigest()
 
 
@@ -178,8 +185,9 @@ def check_config_matches(config: LoraConfig, path: str) -> None:
         return  # read_weights names the bad file
     if saved is not None and saved != config_hash(config):
         raise ValueError(f"{path}: these weights were saved with another {CONFIG_NAME} than the one beside "
-                         "them (an interrupted save, a file copied from another save, or an edited r, "
-                         "lora_alpha or target); expected the pair written by one save_pretrained")
+                         "them (r, lora_alpha, use_rslora, rank_pattern or alpha_pattern differ: a file copied "
+                         "from another save, or an edit); expected the pair written by one save_pretrained, or "
+                         "pass config=LoraConfig(...) to load_adapter to choose the scaling yourself")
 
 
 def _base_model_name(model) -> str | None:

@@ -234,6 +234,10 @@ def build_index(root: nn.Module, config: LoraConfig, prefix: str = PREFIX) -> di
             suffix_A, suffix_B = pair_suffixes(module)
             index[key(prefix, path, suffix_A)] = Slot("lora", path, "A")
             index[key(prefix, path, suffix_B)] = Slot("lora", path, "B")
+            if isinstance(base, nn.MultiheadAttention):  # its out_proj's pair, where PEFT keeps it
+                for part, suffix in zip("AB", PAIR_SUFFIXES):
+                    index[key(prefix, path, "base_layer.out_proj." + suffix)] = Slot(
+                        "lora", f"{path}.base_layer.out_proj", part)
             for suffix, part in EXTRA_SUFFIXES.items():
                 index[key(prefix, path, suffix)] = Slot("lora", path, part)
             if isinstance(base, nn.Embedding) or path.split(".")[-1] in EMBEDDING_LAYER_NAMES:

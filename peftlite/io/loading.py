@@ -82,20 +82,19 @@ def place(root: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sourc
             saved.setdefault(slot.path, {})[slot.part] = tensor
         else:
             base.append((slot.target, tensor))
-            if not _base_tensor_allowed(name, config, tensors):
-                unknown.append(name)  # reported below, with the reason
-    refused = [name for name in unknown if index.get(name) is not None]
-    if refused:
-        raise ValueError(f"{source}: carries base-model tensors {refused[:3]} that its config does not account for "
-                         f"(bias={config.bias!r}, targets {config.target_modules!r}): loading them would overwrite "
-                         "the base model; expected biases only with bias='all'/'lora_only' and embedding weights "
-                         "only for a targeted embedding layer")
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} keys match no module of this model, e.g. {unknown[:3]}; "
                          "expected PEFT keys such as 'base_model.model.<module path>.lora_A.weight' "
                          "(is this adapter for another base model?)")
     if not pairs:
         raise ValueError(f"{source}: no LoRA weights (lora_A/lora_B keys) found: expected at least one pair")
+    refused = [name for name in tensors if index[name].kind == "base" and not _base_tensor_allowed(name, config,
+                                                                                                   tensors)]
+    if refused:
+        raise ValueError(f"{source}: carries base-model tensors {refused[:3]} that its config does not account for "
+                         f"(bias={config.bias!r}, targets {config.target_modules!r}): loading them would overwrite "
+                         "the base model; expected biases only with bias='all'/'lora_only' and embedding weights "
+                         "only for a targeted embedding layer")
     return pairs, saved, base
 
 

@@ -14,6 +14,7 @@ from .base import AdapterState, LoraAdapter, LoraLayer, RecordView
 from .conv import Conv, Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear, MergedLinear, linear_features
+from .mha import MultiheadAttention
 from .mixed import Routing, active_routing
 from .modules_to_save import ModulesToSave
 from .param_wrapper import ParamWrapper
@@ -22,7 +23,7 @@ from .quantized import QUANTIZED_TYPE_NAMES, QuantizedLinear, is_quantized_linea
 __all__ = [
     "AdapterState", "LoraAdapter", "LoraLayer", "RecordView", "Linear", "MergedLinear", "Embedding", "Conv",
     "Conv1d", "Conv2d", "Conv3d", "ModulesToSave", "Routing", "active_routing", "LORA_CLASSES", "make_lora_layer",
-    "is_supported", "linear_features", "LINEAR_TYPES", "ParamWrapper", "QuantizedLinear",
+    "is_supported", "linear_features", "LINEAR_TYPES", "ParamWrapper", "MultiheadAttention", "QuantizedLinear",
     "is_quantized_linear",
 ]
 
@@ -34,6 +35,7 @@ LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Conv1d: Conv,
     nn.Conv2d: Conv,
     nn.Conv3d: Conv,
+    nn.MultiheadAttention: MultiheadAttention,
 }
 
 

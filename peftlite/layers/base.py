@@ -44,11 +44,13 @@ class AdapterState:
     merges, so "anything merged?" is O(1). mixed_calls: one token per mixed-adapter
     call running now in any thread (layers skip the routing lookup without one).
     fast: the switch for the fused training path (peftlite.fast); off, every layer
-    runs the reference forward. lock: held by calls that change the model.
+    runs the reference forward. lock: held by calls that change the model, which wait
+    for running forwards (layers/gate.py).
     """
 
     active: tuple[str, ...] = ()
-    disabled_everywhere: bool = False  # disable_adapter_layers(); disable_adapter() is per thread (gate.py)
+    disabled_everywhere: bool = False  # disable_adapter_layers()
+    disable_depth: int = 0  # disable_adapter() blocks open now, in any thread
     merged_count: int = 0
     mixed_calls: list[object] = field(default_factory=list)
     fast: bool = True
@@ -56,7 +58,12 @@ class AdapterState:
 
     @property
     def disabled(self) -> bool:
-        """Adapters off for the call running in this thread: model-wide, or by this thread's disable_adapter()."""
+        """Adapters off, model-wide as in PEFT: disable_adapter_layers(), or a disable_adapter() block open."""
+        return self.disabled_everywhere or self.disable_depth > 0
+
+    def disabled_for_mixed_batch(self) -> bool:
+        """A mixed batch names its adapters: only disable_adapter_layers() or this thread's own
+        disable_adapter() turn them off, not a disable_adapter() block open in another thread."""
         return self.disabled_everywhere or self in DISABLED.get()
 
     @disabled.setter

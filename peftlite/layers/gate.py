@@ -11,9 +11,9 @@ change sees a half-finished forward. Forwards hold it shared
 A change made from inside a forward of the same model, in the same thread (a
 forward hook that merges), would wait for itself; it raises instead.
 
-`disable_adapter()` is per call, like a mixed batch's routing: the context
-variable `DISABLED` holds the models whose adapters are off in this thread (or
-asyncio task) only, so other threads keep running their adapters.
+`DISABLED` holds the models with a `disable_adapter()` block open in this
+thread (or asyncio task): a mixed batch, whose adapter_names name adapters
+explicitly, is turned off only by a block of its own thread.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import contextvars
 import threading
 from collections.abc import Iterator
 
-# {AdapterState}: the models whose adapters are off in this context (disable_adapter()).
+# {AdapterState}: the models with a disable_adapter() block open in this context.
 DISABLED: contextvars.ContextVar[frozenset] = contextvars.ContextVar("peftlite_disabled",  # noqa: B039
                                                                        default=frozenset())
 

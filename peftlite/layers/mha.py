@@ -11,6 +11,13 @@ LoRA cannot be added to an output there. As in PEFT, the layer holds
 `<path>.base_layer.out_proj.lora_A.weight`), and runs the module with
 W_in + ΔW_in and W_out + ΔW_out substituted for the one call
 (torch.func.functional_call), where PEFT merges and unmerges around it.
+
+PEFT 0.21.2 adds out_proj's update twice: its merge adds ΔW_out into the
+weight, then merges the out_proj layer, which adds it again through `.data`
+(outside autograd). So in forward and merge an adapter PEFT trained on this
+layer means W_out + 2·ΔW_out, and training sees the gradient of one ΔW_out.
+This layer keeps both (`OutProj` merges 2·ΔW_out; forward uses
+W_out + ΔW_out + ΔW_out.detach()), so files, outputs and gradients match PEFT.
 The out_proj layer is a second LoRA layer of the model: it is planned,
 installed, merged and saved like any other (tuner/inject.py plans it with
 this one). Query, key and value must share one embedding size, as in PEFT.
@@ -31,6 +38,19 @@ from .linear import Linear
 from .mixed import active_routing
 
 
+class OutProj(Linear):
+    """nn.MultiheadAttention's out_proj with LoRA: ΔW_out counted twice, as PEFT 0.21.2 applies it."""
+
+    def delta_weight(self, name: str) -> Tensor:
+        return 2 * super().delta_weight(name)
+
+    def lora_term(self, x: Tensor, name: str) -> Tensor:
+        return 2 * super().lora_term(x, name)
+
+    def fast_forward(self, x: Tensor, name: str) -> Tensor | None:
+        return None
+
+
 class MultiheadAttention(LoraLayer):
     """LoRA on nn.MultiheadAttention's in_proj (here) and out_proj (`out_layer`, at base_layer.out_proj)."""
 
@@ -41,7 +61,13 @@ class MultiheadAttention(LoraLayer):
         super().__init__(base_layer, state)
         self.in_features, self.out_features = base_layer.embed_dim, 3 * base_layer.embed_dim
         out_proj = base_layer.out_proj
-        self.out_layer: Linear = out_proj if isinstance(out_proj, Linear) else Linear(out_proj, state)
+        # a list, so the layer is not registered here too: it lives at base_layer.out_proj once installed
+        self._out_layer = [out_proj if isinstance(out_proj, OutProj) else OutProj(out_proj, state)]
+
+    @property
+    def out_layer(self) -> "OutProj":
+        """The LoRA layer for out_proj, installed at base_layer.out_proj with this one (tuner/inject.py)."""
+        return self._out_layer[0]
 
     @property
     def weight(self) -> Tensor:
@@ -78,7 +104,7 @@ class MultiheadAttention(LoraLayer):
     def lora_term(self, x: Tensor, name: str) -> Tensor:
         raise ValueError("LoRA on nn.MultiheadAttention changes its weights, it adds no separate output term")
 
-    def forward(self, query: Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if active_routing(self.state) is not None:
             raise ValueError("nn.MultiheadAttention with LoRA takes no mixed-adapter batches (nor in PEFT): call "
                              "the model without adapter_names")
@@ -86,13 +112,15 @@ class MultiheadAttention(LoraLayer):
         in_names = self.running_adapters()
         out_names = out_layer.running_adapters() if isinstance(out_layer, LoraLayer) else []
         if not in_names and not out_names:
-            return self.base_layer(query, *args, **kwargs)
+            return self.base_layer(x, *args, **kwargs)
         weights: dict[str, Tensor] = {}
         if in_names:
             in_weight: Tensor = self.base_layer.in_proj_weight
             weights["in_proj_weight"] = in_weight + sum(self.delta_weight(n).to(in_weight.dtype) for n in in_names)
         if out_names:
             out_weight: Tensor = out_layer.base_layer.weight
-            weights["out_proj.base_layer.weight"] = out_weight + sum(
-                out_layer.delta_weight(n).to(out_weight.dtype) for n in out_names)
-        return functional_call(self.base_layer, weights, (query, *args), kwargs)
+            for n in out_names:  # PEFT's W_out + 2·ΔW_out, differentiable through one ΔW_out (see above)
+                delta = Linear.delta_weight(out_layer, n).to(out_weight.dtype)
+                out_weight = out_weight + delta + delta.detach()
+            weights["out_proj.base_layer.weight"] = out_weight
+        return functional_call(self.base_layer, weights, (x, *args), kwargs)

@@ -110,7 +110,7 @@ def mixed_lora_forward(layer: "LoraLayer", routing: Routing, x: Tensor, *args: A
     """
     routing.check_input(x)
     result = layer.base_layer(x, *args, **kwargs)
-    if layer.state.disabled or _stacked_linear_terms(layer, routing, x, result):
+    if layer.state.disabled_for_mixed_batch() or _stacked_linear_terms(layer, routing, x, result):
         return result
     for name, rows in routing.groups(x.shape[0], x.device):
         if name not in layer.adapters:
@@ -171,7 +171,7 @@ def mixed_saved_forward(module: "ModulesToSave", routing: Routing, x: Tensor, *a
     routing.check_input(x)
     parts = []
     for name, rows in routing.groups(x.shape[0], x.device):
-        use_copy = not module.state.disabled and name in module.modules_to_save
+        use_copy = not module.state.disabled_for_mixed_batch() and name in module.modules_to_save
         part_module: nn.Module = module.modules_to_save[name] if use_copy else module.original_module
         parts.append((rows, part_module(x[rows] if isinstance(rows, slice) else x.index_select(0, rows),
                                         *args, **kwargs)))

@@ -25,8 +25,10 @@ def walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         seen.add(id(module))
         yield path, module
         if isinstance(module, (LoraLayer, ModulesToSave)):
-            if isinstance(module, LoraLayer) and isinstance(module.base_layer, LoraLayer):
-                stack.append((f"{path}.base_layer", module.base_layer))  # nested parameter wrappers
+            if isinstance(module, LoraLayer):  # LoRA layers inside: nested parameter wrappers, MHA's out_proj
+                base = module.base_layer
+                inner = [("base_layer", base)] + [(f"base_layer.{n}", c) for n, c in base.named_children()]
+                stack.extend((f"{path}.{n}", m) for n, m in reversed(inner) if isinstance(m, LoraLayer))
             continue
         children = [(f"{path}.{name}" if path else name, child)
                     for name, child in module._modules.items() if child is not None]

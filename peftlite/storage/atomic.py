@@ -194,7 +194,7 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def staging_directory(parent: str | os.PathLike, prefix: str) -> str:
+def staging_directory(parent: str, prefix: str) -> str:
     """A new hidden directory `<prefix><pid>-XXXX` in `parent`; those of dead processes are removed first.
 
     For a whole directory written aside and then renamed into place (a merged model):

@@ -27,6 +27,8 @@ from ..variants import variant_for
 from .parameters import find_target_parameters, plan_parameter_layers
 from .targets import find_modules_to_save, find_targets
 
+MHA_OUT_PROJ = ".base_layer.out_proj"  # where PEFT keeps nn.MultiheadAttention's out_proj LoRA layer
+
 
 @dataclass
 class Plan:
@@ -54,6 +56,8 @@ def plan_layers(model: nn.Module, state: AdapterState, config: LoraConfig, paths
     keys = {f"{path}.{name}" for path, name in parameters}
     layers = []
     for path in (p for p in paths if p not in keys):
+        if path.endswith(MHA_OUT_PROJ) and path.removesuffix(MHA_OUT_PROJ) in paths:
+            continue  # planned with its nn.MultiheadAttention below
         module = model.get_submodule(path)
         if isinstance(module, LoraLayer):
             existing = getattr(module, "enable_lora", None)
@@ -69,6 +73,9 @@ def plan_layers(model: nn.Module, state: AdapterState, config: LoraConfig, paths
         layer.factor_shapes(config.rank_for(path))
         layer.check_init(config.init_lora_weights, config.rank_for(path))
         layers.append((path, module, layer))
+        out_layer = getattr(layer, "out_layer", None)  # nn.MultiheadAttention: PEFT adapts its out_proj too
+        if out_layer is not None:
+            layers.append((path + MHA_OUT_PROJ, layer.base_layer.out_proj, out_layer))
     return layers + plan_parameter_layers(model, state, config, parameters)
 
 

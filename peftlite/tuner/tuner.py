@@ -240,20 +240,26 @@ class LoraTuner(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block this thread's calls run the base model; merged adapters are unmerged and restored.
+        """Inside the block the model runs as the base model; merged adapters are unmerged and restored.
 
-        Per thread (and asyncio task), as a mixed batch's routing: other threads keep their adapters.
+        Model-wide, as in PEFT (threads of nn.DataParallel see it too), except for mixed
+        batches: their adapter_names name adapters explicitly, so only a block opened in
+        their own thread turns them off. Blocks in several threads nest by count.
         """
-        with self.adapter_state.lock:
+        state = self.adapter_state
+        with state.lock:
             merged = self.merged_adapters()
             self.unmerge_adapter()
-            token = DISABLED.set(DISABLED.get() | {self.adapter_state})
+            state.disable_depth += 1
+            token = DISABLED.set(DISABLED.get() | {state})
         try:
             yield
         finally:
-            DISABLED.reset(token)
-            if merged:
-                self.merge_adapter(merged)
+            with state.lock:
+                DISABLED.reset(token)
+                state.disable_depth -= 1
+                if merged and not state.disable_depth:
+                    self.merge_adapter(merged)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "linear", svd_rank: int | None = None, **ignored: Any) -> None:
@@ -351,7 +357,7 @@ class LoraTuner(nn.Module):
                     target.copy_(original)
 
     def _unwrap(self, keep_saved_copy: bool) -> nn.Module:
-        for path, layer in self.lora_layers():
+        for path, layer in reversed(self.lora_layers()):  # inner first: MHA's out_proj before the MHA
             if path.rpartition(".")[2] == "base_layer":
                 continue  # a nested parameter wrapper: its outermost wrapper is replaced by the module
             base = layer.base_layer
