@@ -454,3 +454,25 @@ def test_multihead_attention_refuses_mixed_batches():
     ours.eval()
     with pytest.raises(ValueError, match="mixed-adapter"):
         ours(attention_input(), adapter_names=["default", "other", "__base__"])
+
+
+def test_moe_weighted_adapter_is_refused_and_changes_nothing():
+    _, ours = pair(tiny_mixtral, moe_fields())
+    names = {n for n, _ in ours.named_parameters()}
+    for combination in ("linear", "cat", "svd"):
+        with pytest.raises(ValueError, match="target_parameters"):
+            ours.add_weighted_adapter(["default"], [1.0], "combined", combination_type=combination)
+    assert "combined" not in ours.peft_config and {n for n, _ in ours.named_parameters()} == names
+
+
+def test_moe_hotswap_matches_a_fresh_load(tmp_path):
+    for seed, name in ((1, "one"), (2, "two")):
+        base = tiny_mixtral()
+        torch.manual_seed(seed)  # the factors' random init
+        get_peft_model(base, LoraConfig(**moe_fields())).save_pretrained(tmp_path / name)
+    fresh = LoraModel.from_pretrained(tiny_mixtral(), tmp_path / "two")
+    swapped = LoraModel.from_pretrained(tiny_mixtral(), tmp_path / "one")
+    before = logits(swapped, ids())
+    swapped.hotswap_adapter(str(tmp_path / "two"), "default")
+    assert not torch.allclose(before, logits(fresh, ids()), atol=1e-4)
+    torch.testing.assert_close(logits(swapped, ids()), logits(fresh, ids()), atol=1e-6, rtol=1e-5)

@@ -5,8 +5,11 @@ A directory holds `adapter_config.json` (PEFT's field names, `"peft_type":
 ignores with a warning), `adapter_model.safetensors` under PEFT's keys
 (keys.py) and a README.md model card (card.py). Reading never unpickles:
 safetensors first, a legacy `adapter_model.bin` only through
-`torch.load(weights_only=True)`. Every write is atomic (atomic.py). Putting
-what was read into a model is loading.py's job.
+`torch.load(weights_only=True)`. A whole save, every adapter at once, is
+atomic (atomic.py's journal; a read finishes a committed save that was
+interrupted), and the weights' safetensors metadata holds a hash of the
+config's scaling fields so a load notices a config from another save.
+Putting what was read into a model is loading.py's job.
 """
 
 from __future__ import annotations

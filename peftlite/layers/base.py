@@ -61,14 +61,14 @@ class AdapterState:
         """Adapters off, model-wide as in PEFT: disable_adapter_layers(), or a disable_adapter() block open."""
         return self.disabled_everywhere or self.disable_depth > 0
 
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self.disabled_everywhere = value
+
     def disabled_for_mixed_batch(self) -> bool:
         """A mixed batch names its adapters: only disable_adapter_layers() or this thread's own
         disable_adapter() turn them off, not a disable_adapter() block open in another thread."""
         return self.disabled_everywhere or self in DISABLED.get()
-
-    @disabled.setter
-    def disabled(self, value: bool) -> None:
-        self.disabled_everywhere = value
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (deepcopy, pickle) gets a lock of its own and no running calls."""

@@ -208,6 +208,8 @@ def _experts_linear(experts: Any, name: str, rows: Tensor, counts: list[int], te
     """Expert e's rows times its weight (+ bias) + Σ s·(rows A_eᵀ) B_eᵀ: (S, in) -> (S, out)."""
     weight = getattr(experts, name)  # (E, out, in), or (E, in, out) when transposed
     bias = getattr(experts, name + "_bias") if experts.has_bias else None
+    # per-expert factors by unbind: its backward is one stack, where indexing [e] would zero-fill E copies
+    per_expert = [(lora_A.unbind(0), lora_B.unbind(0), scaling) for lora_A, lora_B, scaling in terms]
     parts = []
     for e, chunk in enumerate(rows.split(counts)):
         if not len(chunk):
@@ -215,9 +217,9 @@ def _experts_linear(experts: Any, name: str, rows: Tensor, counts: list[int], te
         part = chunk @ weight[e] if experts.is_transposed else F.linear(chunk, weight[e])
         if bias is not None:
             part = part + bias[e]
-        for lora_A, lora_B, scaling in terms:  # + s·(x A_eᵀ) B_eᵀ, accumulated in the GEMM
-            after_A = F.linear(chunk.to(lora_A.dtype), lora_A[e])  # (rows, r)
-            part = torch.addmm(part, after_A.to(part.dtype), lora_B[e].T.to(part.dtype), alpha=scaling)
+        for experts_A, experts_B, scaling in per_expert:  # + s·(x A_eᵀ) B_eᵀ, accumulated in the GEMM
+            after_A = F.linear(chunk.to(experts_A[e].dtype), experts_A[e])  # (rows, r)
+            part = torch.addmm(part, after_A.to(part.dtype), experts_B[e].T.to(part.dtype), alpha=scaling)
         parts.append(part)
     if not parts:
         width = weight.shape[-1] if experts.is_transposed else weight.shape[-2]

@@ -2,6 +2,9 @@
 
 A crash leaves the old file or the new one, never half of one; a save killed
 outright leaves temporary files that the next save in that directory removes.
+`atomic_write_tree` does the same for a whole save (every adapter's files, in
+several folders) with a journal: the directory holds the old save or the new
+one, never a mix.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..config import _is_number, check_adapter_name
-from ..layers import LoraLayer
+from ..layers import LoraLayer, ParamWrapper
 
 if TYPE_CHECKING:
     from .tuner import LoraTuner
@@ -141,6 +141,9 @@ def add_weighted_adapter(lora_model: "LoraTuner", adapters: list[str], weights: 
                  for name, weight in zip(adapters, weights) if name in layer.adapters]
         if not pairs:
             continue
+        if isinstance(layer, ParamWrapper):  # per-expert factors: not combined here yet
+            raise ValueError(f"add_weighted_adapter does not combine LoRA on parameters yet ({path!r}, parameter "
+                             f"{layer.parameter_name!r}, target_parameters): expected adapters on modules only")
         if combination_type == "linear":
             if len({A.shape for A, _, _ in pairs}) != 1:
                 raise ValueError(f"combination_type='linear' needs equal ranks, but module {path!r} has ranks "

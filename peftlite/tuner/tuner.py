@@ -80,18 +80,22 @@ class LoraTuner(nn.Module):
 
         Runs beside other threads' forwards; a model change waits for it (layers/gate.py).
         """
-        with self.adapter_state.lock.running():
+        with self._running():
             if adapter_names is None:
                 return self.model(*args, **kwargs)
             with self.mixed_adapters(adapter_names, batch_size_of(args, kwargs), exact_rows=True):
                 return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self.adapter_state.lock.running():
+        with self._running():
             if adapter_names is None:
                 return self.model.generate(*args, **kwargs)
             with self.mixed_adapters(adapter_names, batch_size_of(args, kwargs)):
                 return self.model.generate(*args, **kwargs)
+
+    def _running(self) -> contextlib.AbstractContextManager:
+        """The forward side of the model's lock; nothing while torch.compile traces (no graph break)."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self.adapter_state.lock.running()
 
     @contextlib.contextmanager
     def mixed_adapters(self, adapter_names: Sequence[str], batch_size: int | None = None,
@@ -228,7 +232,7 @@ class LoraTuner(nn.Module):
 
     def enable_adapter_layers(self) -> None:
         with self.adapter_state.lock:
-            self.adapter_state.disabled = False
+            self.adapter_state.disabled_everywhere = False
 
     def disable_adapter_layers(self) -> None:
         """Adapters off until enable_adapter_layers(); merged adapters are unmerged first, as in PEFT."""
@@ -236,7 +240,7 @@ class LoraTuner(nn.Module):
             if self.adapter_state.merged_count:
                 warnings.warn("unmerging merged adapters before disabling them", stacklevel=2)
                 self.unmerge_adapter()
-            self.adapter_state.disabled = True
+            self.adapter_state.disabled_everywhere = True
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
