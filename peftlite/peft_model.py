@@ -71,6 +71,11 @@ class LoraModel(nn.Module):
         return self.peft_config[self.base_model.active_adapters[0]]
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside disable_adapter() or after disable_adapter_layers(), as PEFT's property of that name."""
+        return not self.base_model.adapter_state.disabled and bool(self.base_model.active_adapters)
+
+    @property
     def peft_type(self) -> str:
         return "LORA"
 

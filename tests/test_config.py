@@ -19,7 +19,7 @@ from peftlite.config import BOOKKEEPING
 # A value of each PEFT field peftlite refuses (a variant or option it does not implement).
 UNSUPPORTED_VALUES = {
     "use_qalora": True, "use_bdlora": {"a": 1}, "layer_replication": [(0, 1)],
-    "target_parameters": ["experts.w"], "trainable_token_indices": [1, 2], "alora_invocation_tokens": [1],
+    "trainable_token_indices": [1, 2], "alora_invocation_tokens": [1],
     "arrow_config": {}, "kasa_config": {}, "monteclora_config": {}, "megatron_config": {}, "eva_config": {},
     "corda_config": {}, "lora_ga_config": {}, "velora_config": {},
 }
@@ -53,6 +53,7 @@ BAD_VALUES = [
     ("target_modules", ["q_proj", 3], "module name"),
     ("target_modules", "q_proj(", "regex"),
     ("target_modules", 5, "regex"),
+    ("target_parameters", "experts.w", "list"),
     ("exclude_modules", "[", "regex"),
     ("enable_lora", [], "booleans"),
     ("enable_lora", [False, False], "at least one True"),

@@ -178,3 +178,25 @@ def test_seq_cls_modules_to_save_uses_the_heads_that_exist() -> None:
     theirs, ours = both(run)
     assert ours == theirs
     assert any(".classifier.modules_to_save.default." in n for n in ours)
+
+
+def test_has_active_enabled_adapter_follows_disabling() -> None:
+    def run(lib: ModuleType) -> list[bool]:
+        model = llama_lora(lib)
+        seen = [model.has_active_enabled_adapter]
+        with model.disable_adapter():
+            seen.append(model.has_active_enabled_adapter)
+            with model.disable_adapter():
+                seen.append(model.has_active_enabled_adapter)
+            seen.append(model.has_active_enabled_adapter)
+        seen.append(model.has_active_enabled_adapter)
+        model.disable_adapter_layers()
+        seen.append(model.has_active_enabled_adapter)
+        model.enable_adapter_layers()
+        return [*seen, model.has_active_enabled_adapter]
+
+    theirs, ours = both(run)
+    assert ours[:5] == theirs[:5] == [True, False, False, False, True]
+    assert ours[6] == theirs[6] is True
+    # stricter: PEFT's property only sees disable_adapter(), so it stays True after disable_adapter_layers()
+    assert theirs[5] is True and ours[5] is False

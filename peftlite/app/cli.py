@@ -281,8 +281,9 @@ def cmd_eval(args: argparse.Namespace) -> dict:
                                args.load_in_bits)
     if args.task == "seq-cls":
         classes = model.config.num_labels
-        if max(examples.labels) >= classes:
-            raise UsageError(f"label id {max(examples.labels)} in {args.data!r} is out of range: "
+        largest = max(examples.labels or [0])
+        if largest >= classes:
+            raise UsageError(f"label id {largest} in {args.data!r} is out of range: "
                              f"the adapter's head has {classes} labels")
     if not args.load_in_bits:  # a quantized model was placed by its device_map and cannot move
         model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,7 +295,7 @@ def cmd_merge(args: argparse.Namespace) -> dict:
     check_output_dir(args.output, must_be_empty=True)
     model = _load_with_adapter(args.model, args.adapter, args.task, load_in_bits=args.load_in_bits)
     # over a quantized base: W + ΔW in float (the base as trained), not requantized
-    merged = dequantize_and_merge(model) if args.load_in_bits else model.merge_and_unload()
+    merged: Any = dequantize_and_merge(model) if args.load_in_bits else model.merge_and_unload()
     tokenizer = None  # a model without a tokenizer (vision, plain): merge the weights alone
     if has_tokenizer(args.model):
         try:

@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -205,7 +206,7 @@ def read_label_names(adapter: str) -> list[str] | None:
 
 def num_labels_for(examples: Examples, num_labels: int | None) -> int:
     """--num-labels if given (checked against the data), else as many classes as the labels need."""
-    needed = max(examples.labels) + 1
+    needed = max(examples.labels or [0]) + 1
     if examples.label_names is not None:
         needed = len(examples.label_names)
     if num_labels is None:
@@ -269,7 +270,8 @@ def make_loader(tokenizer, examples: Examples, task: str, max_length: int, batch
         return dict(padded)
 
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,  # type: ignore[arg-type]
+                      generator=generator)
 
 
 # ---- training ------------------------------------------------------------------
@@ -299,7 +301,7 @@ def is_cpu_fsdp(accelerator) -> bool:
             and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
 
 
-def shard_fsdp2(model: nn.Module) -> nn.Module:
+def shard_fsdp2(model: nn.Module) -> Any:
     """torch FSDP2 over the default (gloo) group: each transformer block is one unit, the rest the root."""
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
@@ -360,7 +362,8 @@ def train(accelerator, model: nn.Module, tokenizer, examples: Examples, task: st
     if is_fsdp(accelerator) or is_cpu_fsdp(accelerator):
         # Collectives: every process takes part, the main one saves.
         if is_cpu_fsdp(accelerator):
-            state = {name: p.full_tensor() for name, p in model.named_parameters() if p.requires_grad}
+            state = {name: p.full_tensor() for name, p in model.named_parameters()  # type: ignore[attr-defined]
+                     if p.requires_grad}
         else:
             state = accelerator.get_state_dict(model)
         if accelerator.is_main_process:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -218,7 +219,7 @@ def build_index(root: nn.Module, config: LoraConfig, prefix: str = PREFIX) -> di
         if "bias" in name:
             index[name] = Slot("base", "", target=tensor)
     for path, module in walk(root):
-        base = module.base_layer if isinstance(module, LoraLayer) else module
+        base: Any = module.base_layer if isinstance(module, LoraLayer) else module
         if path in saved:
             original = module.original_module if isinstance(module, ModulesToSave) else module
             for name, tensor in original.state_dict(keep_vars=True).items():

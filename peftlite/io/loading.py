@@ -80,7 +80,7 @@ def place(root: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sourc
             pairs.setdefault(slot.path, {})[slot.part] = tensor
         elif slot.kind == "saved":
             saved.setdefault(slot.path, {})[slot.part] = tensor
-        else:
+        elif slot.target is not None:
             base.append((slot.target, tensor))
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} keys match no module of this model, e.g. {unknown[:3]}; "
@@ -249,8 +249,10 @@ def load_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, is_
             set_extras(layer, adapter_name, extras[path], in_place=False)
         for path in expected_saved:
             # .get: a module with no state (e.g. an activation) has no keys in the file
-            copy = root.get_submodule(path).modules_to_save[adapter_name]
-            copy.load_state_dict(saved.get(path, {}), strict=False, assign=low_cpu_mem_usage)
+            saved_module = root.get_submodule(path)
+            assert isinstance(saved_module, ModulesToSave)
+            saved_module.modules_to_save[adapter_name].load_state_dict(saved.get(path, {}), strict=False,
+                                                                       assign=low_cpu_mem_usage)
         remember_base(tuner, adapter_name, changed)
         copy_base(changed, source)
     return LoadResult(missing_keys=[], unexpected_keys=[])

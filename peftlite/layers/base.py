@@ -231,8 +231,9 @@ class LoraLayer(nn.Module):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """Every parameter adapter `name` owns on this layer (A, B and any the variant adds)."""
-        return [param for container_name, container in self.named_children() if container_name != "base_layer"
-                and name in getattr(container, "keys", lambda: ())() for param in _parameters_of(container[name])]
+        containers: list[Any] = [c for n, c in self.named_children() if n != "base_layer"]
+        return [param for container in containers if name in getattr(container, "keys", lambda: ())()
+                for param in _parameters_of(container[name])]
 
     def running_adapters(self) -> list[str]:
         """The adapters whose term forward adds: active, on this layer, not merged, not disabled."""

@@ -38,7 +38,7 @@ class Conv(LoraLayer):
                                                device=device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
-        LF.init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, init)
+        LF.init_lora_pair(*self.factors(name), init)
 
     def takes_lora_bias(self) -> bool:
         return True

@@ -6,6 +6,8 @@ without bias, as in PEFT: A's weight is (r, in), B's (out, r).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
@@ -15,7 +17,7 @@ from .. import functional as LF
 from .base import AdapterState, LoraLayer
 
 
-def linear_features(base: nn.Module) -> tuple[int, int]:
+def linear_features(base: Any) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a transformers Conv1D (weight in × out)."""
     if isinstance(base, Conv1D):
         return base.weight.shape[0], base.weight.shape[1]
@@ -123,7 +125,8 @@ class MergedLinear(Linear):
         slice_size = self.out_features // len(enable_lora)
         self.slices = tuple((i * slice_size, slice_size) for i, on in enumerate(enable_lora) if on)
         columns = [i * slice_size + j for i, on in enumerate(enable_lora) if on for j in range(slice_size)]
-        self.register_buffer("enabled_columns", torch.tensor(columns, device=base_layer.weight.device),
+        self.enabled_columns: Tensor
+        self.register_buffer("enabled_columns", torch.tensor(columns, device=self.base_layer.weight.device),
                              persistent=False)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

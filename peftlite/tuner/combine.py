@@ -57,8 +57,8 @@ def _pad_rank(lora_A: Tensor, lora_B: Tensor, rank: int) -> tuple[Tensor, Tensor
 
 def combine_linear(pairs: list[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
     """pairs: (A (g, r, n), B (g, m, r), w·s) per source, equal r. √|w·s| on each side, the sign on A."""
-    lora_A = sum(math.copysign(math.sqrt(abs(ws)), ws) * A for A, _, ws in pairs)
-    lora_B = sum(math.sqrt(abs(ws)) * B for _, B, ws in pairs)
+    lora_A = torch.stack([math.copysign(math.sqrt(abs(ws)), ws) * A for A, _, ws in pairs]).sum(0)
+    lora_B = torch.stack([math.sqrt(abs(ws)) * B for _, B, ws in pairs]).sum(0)
     return lora_A, lora_B
 
 

@@ -117,6 +117,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         return []  # PEFT: target_parameters alone, no module targets
     selector = config.target_modules if config.target_modules is not None else default_targets(model)
     heads = output_head_names(model) if selector == "all-linear" else set()
+    layers = [config.layers_to_transform] if isinstance(config.layers_to_transform, int) else config.layers_to_transform
     found = []
     for path, module in model.named_modules():
         if not path or not _is_selectable(path):
@@ -129,7 +130,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if config.exclude_modules is not None and matches(path, config.exclude_modules):
             continue
-        if config.layers_to_transform is not None and layer_index(path) not in config.layers_to_transform:
+        if layers is not None and layer_index(path) not in layers:
             continue
         found.append(path)
     if not found:
