@@ -88,11 +88,11 @@ class LoraTuner(nn.Module):
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._running():
-            generate: Any = self.model.generate
+            model: Any = self.model
             if adapter_names is None:
-                return generate(*args, **kwargs)
+                return model.generate(*args, **kwargs)
             with self.mixed_adapters(adapter_names, batch_size_of(args, kwargs)):
-                return generate(*args, **kwargs)
+                return model.generate(*args, **kwargs)
 
     def _running(self) -> contextlib.AbstractContextManager:
         """The forward side of the model's lock; nothing while torch.compile traces (no graph break)."""
