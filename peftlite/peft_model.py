@@ -211,7 +211,7 @@ class LoraModel(nn.Module):
         result = load_adapter(self.base_model, model_id_or_path, adapter_name, is_trainable,
                               low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype,
                               **kwargs)
-        if not is_trainable:
+        if not is_trainable and self.training:  # already in eval: a walk over the model would change nothing
             self.eval()
         return result
 

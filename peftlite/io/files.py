@@ -147,7 +147,8 @@ def save_adapters(root: nn.Module, configs: dict[str, LoraConfig], save_director
         writers: dict[str, Callable[[str], None]] = {
             WEIGHTS_NAME: functools.partial(write_safetensors, tensors, metadata=metadata),
             CONFIG_NAME: text_writer(config.to_json_file_text())}
-        card = model_card(directory / CARD_NAME, config.base_model_name_or_path, root, config.task_type)
+        # the card names the model's own Hub name, as PEFT's does, not the config's
+        card = model_card(directory / CARD_NAME, _base_model_name(root), root, config.task_type)
         if card is not None:
             writers[CARD_NAME] = text_writer(card)
         plan.append((directory, writers))

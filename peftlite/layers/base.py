@@ -115,6 +115,21 @@ class RecordView(MutableMapping):
         return repr(dict(self))
 
 
+def uninitialised_linear(in_features: int, out_features: int, dtype: torch.dtype,
+                         device: torch.device) -> nn.Linear:
+    """An nn.Linear(in, out, bias=False) whose weight (out, in) is allocated but not initialised.
+
+    A's and B's values are written right after (an init, or a loader), so nn.Linear's own
+    Kaiming init would be wasted, and torch's skip_init costs more than the layer itself.
+    """
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+    layer.register_parameter("bias", None)
+    return layer
+
+
 def _parameters_of(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:
     return [item] if isinstance(item, nn.Parameter) else list(item.parameters())
 

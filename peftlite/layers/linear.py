@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import fast, inits
 from .. import functional as LF
-from .base import AdapterState, LoraLayer
+from .base import AdapterState, LoraLayer, uninitialised_linear
 
 
 def linear_features(base: Any) -> tuple[int, int]:
@@ -39,9 +39,8 @@ class Linear(LoraLayer):
 
     def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         (rank_A, in_A), (out_B, rank_B) = self.factor_shapes(r)
-        # skip_init: allocated, not initialised (init_factors or a loader writes them next)
-        self.lora_A[name] = nn.utils.skip_init(nn.Linear, in_A, rank_A, bias=False, dtype=dtype, device=device)
-        self.lora_B[name] = nn.utils.skip_init(nn.Linear, rank_B, out_B, bias=False, dtype=dtype, device=device)
+        self.lora_A[name] = uninitialised_linear(in_A, rank_A, dtype, device)
+        self.lora_B[name] = uninitialised_linear(rank_B, out_B, dtype, device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
         """PEFT's inits; PiSSA/OLoRA also replace the base weight by its residual (W − s·B·A)."""

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import functional as LF
-from .base import AdapterState, LoraLayer
+from .base import AdapterState, LoraLayer, uninitialised_linear
 from .linear import Linear
 from .mixed import active_routing
 
@@ -87,9 +87,8 @@ class MultiheadAttention(LoraLayer):
         return (r, self.in_features), (self.out_features, r)
 
     def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.lora_A[name] = nn.utils.skip_init(nn.Linear, self.in_features, r, bias=False, dtype=dtype, device=device)
-        self.lora_B[name] = nn.utils.skip_init(nn.Linear, r, self.out_features, bias=False, dtype=dtype,
-                                               device=device)
+        self.lora_A[name] = uninitialised_linear(self.in_features, r, dtype, device)
+        self.lora_B[name] = uninitialised_linear(r, self.out_features, dtype, device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
         LF.init_lora_pair(*self.factors(name), init)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import AdapterState, LoraLayer
+from .base import AdapterState, LoraLayer, uninitialised_linear
 from .mixed import active_routing
 
 # The parameters a transformers experts module's own forward reads, by role.
@@ -96,8 +96,8 @@ class ParamWrapper(LoraLayer):
 
     def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         (rank_A, in_A), (out_B, rank_B) = self.factor_shapes(r)
-        self.lora_A[name] = nn.utils.skip_init(nn.Linear, in_A, rank_A, bias=False, dtype=dtype, device=device)
-        self.lora_B[name] = nn.utils.skip_init(nn.Linear, rank_B, out_B, bias=False, dtype=dtype, device=device)
+        self.lora_A[name] = uninitialised_linear(in_A, rank_A, dtype, device)
+        self.lora_B[name] = uninitialised_linear(rank_B, out_B, dtype, device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
         """PEFT's init of its nn.Linear factors; "gaussian" uses std 1/r (r per expert), as PEFT does."""
