@@ -18,7 +18,6 @@ applies and the model's `fast` switch is on.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +26,10 @@ from torch import Tensor, nn
 
 from .gate import DISABLED, ModelLock
 from .mixed import active_routing, mixed_lora_forward
+from .records import LoraAdapter, RecordView
 
 if TYPE_CHECKING:
-    from .variants import Variant
+    pass
 
 
 FP16_SCALING_LIMIT = 256.0  # √65504: a larger scaling makes float16 LoRA terms overflow for ordinary inputs
@@ -76,43 +76,6 @@ class AdapterState:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, lock=ModelLock())
-
-
-@dataclass(eq=False)
-class LoraAdapter:
-    """One adapter on one layer: its fixed hyperparameters and the variant that computes it."""
-
-    r: int
-    lora_alpha: float
-    scaling: float
-    variant: "Variant"
-    merge_weights: bool = False
-    lora_bias: bool = False  # B has a trainable bias (PEFT's lora_bias): lora_B[name].bias, merged into the base bias
-
-
-class RecordView(MutableMapping):
-    """`layer.r`, `layer.lora_alpha`, `layer.scaling` as PEFT's dicts, read from and written to the records."""
-
-    def __init__(self, records: dict[str, LoraAdapter], attribute: str) -> None:
-        self._records, self._attribute = records, attribute
-
-    def __getitem__(self, name: str) -> Any:
-        return getattr(self._records[name], self._attribute)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        setattr(self._records[name], self._attribute, value)
-
-    def __delitem__(self, name: str) -> None:
-        raise TypeError(f"delete adapter {name!r} with delete_adapter, not through layer.{self._attribute}")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._records)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
 
 
 def uninitialised_linear(in_features: int, out_features: int, dtype: torch.dtype,
