@@ -327,8 +327,11 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
-        """Where A and B of adapter `name` live: (module, attribute) each, PEFT's names."""
-        raise NotImplementedError
+        """Where A and B of adapter `name` live: (module, attribute) each, PEFT's names.
+
+        Most kinds hold them as modules, `lora_A[name]` and `lora_B[name]`; an embedding overrides this.
+        """
+        return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """(A, B) of adapter `name` as tensors, in the shapes PEFT gives them in memory."""
@@ -356,8 +359,9 @@ class LoraLayer(nn.Module):
                                                         requires_grad=param.requires_grad))
 
     def lora_term(self, x: Tensor, name: str) -> Tensor:
-        """B(A(dropout(x)))·s, shaped like the base output."""
-        raise NotImplementedError
+        """B(A(dropout(x)))·s, shaped like the base output: the textbook term, which kinds with a grouped
+        or looked-up A override."""
+        return self.lora_B[name](self.lora_A[name](self.lora_input(x, name))) * self.adapters[name].scaling
 
     def delta_weight(self, name: str) -> Tensor:
         """ΔW = B·A·s in the base weight's layout."""

@@ -43,12 +43,6 @@ class Conv(LoraLayer):
     def takes_lora_bias(self) -> bool:
         return True
 
-    def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
-        return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
-
-    def lora_term(self, x: Tensor, name: str) -> Tensor:
-        return self.lora_B[name](self.lora_A[name](self.lora_input(x, name))) * self.adapters[name].scaling
-
     def delta_weight(self, name: str) -> Tensor:
         lora_A, lora_B = self.factors(name)
         delta = lora_B.flatten(1) @ lora_A.flatten(1)  # (out, in·k…)

@@ -77,12 +77,6 @@ class Linear(LoraLayer):
     def takes_lora_bias(self) -> bool:
         return type(self) is Linear
 
-    def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
-        return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
-
-    def lora_term(self, x: Tensor, name: str) -> Tensor:
-        return self.lora_B[name](self.lora_A[name](self.lora_input(x, name))) * self.adapters[name].scaling
-
     def delta_weight(self, name: str) -> Tensor:
         lora_A, lora_B = self.factors(name)
         return LF.linear_delta_weight(lora_A, lora_B, self.adapters[name].scaling, self.fan_in_fan_out)

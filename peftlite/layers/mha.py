@@ -93,9 +93,6 @@ class MultiheadAttention(LoraLayer):
     def init_factors(self, name: str, init: bool | str) -> None:
         LF.init_lora_pair(*self.factors(name), init)
 
-    def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
-        return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
-
     def delta_weight(self, name: str) -> Tensor:
         lora_A, lora_B = self.factors(name)
         return LF.linear_delta_weight(lora_A, lora_B, self.adapters[name].scaling, False)

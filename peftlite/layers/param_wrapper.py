@@ -112,9 +112,6 @@ class ParamWrapper(LoraLayer):
             else:
                 nn.init.zeros_(lora_B)
 
-    def factor_slots(self, name: str) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
-        return (self.lora_A[name], "weight"), (self.lora_B[name], "weight")
-
     def per_expert(self, name: str) -> tuple[Tensor, Tensor]:
         """(A (E, r, in), B (E, out, r)) of adapter `name` from PEFT's layout.
 

@@ -105,12 +105,7 @@ def dequantize_and_merge(model: nn.Module, adapter_names: list[str] | None = Non
                          "result) or its LoraTuner")
     dtype = dtype if dtype is not None else _config_dtype(tuner.model)
     with tuner.adapter_state.lock:
-        names = tuner._names_or_active(adapter_names)
-        merged = tuner.merged_adapters()
-        todo = [n for n in names if n not in merged]
-        layers = [layer for _, layer in tuner.lora_layers()]
-        if safe_merge:
-            tuner._check_finite_merge(layers, todo)
+        todo, layers = tuner.merge_plan(adapter_names, safe_merge)
         for layer in layers:
             mine = [n for n in todo if n in layer.adapters]
             if isinstance(layer, QuantizedLinear):

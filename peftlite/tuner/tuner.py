@@ -330,18 +330,23 @@ class LoraTuner(nn.Module):
                 for _, layer in self.lora_layers():
                     layer.unmerge()
 
+    def merge_plan(self, adapter_names: list[str] | str | None, safe_merge: bool) -> tuple[list[str], list[LoraLayer]]:
+        """(adapters still to merge, every LoRA layer), validated; with safe_merge, NaN/Inf results refused."""
+        names = self._names_or_active(adapter_names)
+        merged = self.merged_adapters()
+        todo = [n for n in names if n not in merged]
+        layers = [layer for _, layer in self.lora_layers()]
+        if safe_merge:
+            self._check_finite_merge(layers, todo)
+        return todo, layers
+
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Merge, then return the model with every LoRA module replaced by its (merged) base layer."""
         if isinstance(progressbar, (list, tuple, str)):  # SPEC's merge_and_unload(adapter_names, safe_merge)
             progressbar, adapter_names = False, progressbar
         with self.adapter_state.lock:
-            names = self._names_or_active(adapter_names)
-            merged = self.merged_adapters()
-            todo = [n for n in names if n not in merged]
-            layers = [layer for _, layer in self.lora_layers()]
-            if safe_merge:
-                self._check_finite_merge(layers, todo)
+            todo, layers = self.merge_plan(adapter_names, safe_merge)
             self._warn_tied(todo)
             for layer in tqdm(layers, disable=not progressbar, desc="Unloading and merging model"):
                 layer.merge(adapter_names=[n for n in todo if n in layer.adapters])
