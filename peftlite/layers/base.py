@@ -321,7 +321,11 @@ class LoraLayer(nn.Module):
 
     # ---- per kind ----------------------------------------------------------------------------------
     def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
-        raise NotImplementedError
+        """A and B as bias-free nn.Linear modules, `lora_A[name]` and `lora_B[name]`, with the kind's 2-D
+        shapes (convolutions and embeddings override this)."""
+        (rank_A, in_A), (out_B, rank_B) = self.factor_shapes(r)
+        self.lora_A[name] = uninitialised_linear(in_A, rank_A, dtype, device)
+        self.lora_B[name] = uninitialised_linear(rank_B, out_B, dtype, device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
         raise NotImplementedError

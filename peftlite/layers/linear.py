@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import fast, inits
 from .. import functional as LF
-from .base import AdapterState, LoraLayer, uninitialised_linear
+from .base import AdapterState, LoraLayer
 
 
 def linear_features(base: Any) -> tuple[int, int]:
@@ -36,11 +36,6 @@ class Linear(LoraLayer):
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
-
-    def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
-        (rank_A, in_A), (out_B, rank_B) = self.factor_shapes(r)
-        self.lora_A[name] = uninitialised_linear(in_A, rank_A, dtype, device)
-        self.lora_B[name] = uninitialised_linear(rank_B, out_B, dtype, device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
         """PEFT's inits; PiSSA/OLoRA also replace the base weight by its residual (W − s·B·A)."""

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import functional as LF
-from .base import AdapterState, LoraLayer, uninitialised_linear
+from .base import AdapterState, LoraLayer
 from .linear import Linear
 from .mixed import active_routing
 
@@ -85,10 +84,6 @@ class MultiheadAttention(LoraLayer):
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
-
-    def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.lora_A[name] = uninitialised_linear(self.in_features, r, dtype, device)
-        self.lora_B[name] = uninitialised_linear(r, self.out_features, dtype, device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
         LF.init_lora_pair(*self.factors(name), init)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import AdapterState, LoraLayer, uninitialised_linear
+from .base import AdapterState, LoraLayer
 from .mixed import active_routing
 
 # The parameters a transformers experts module's own forward reads, by role.
@@ -93,11 +93,6 @@ class ParamWrapper(LoraLayer):
     # ---- factors ---------------------------------------------------------------------------------
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (self.num_experts * r, self.in_features), (self.out_features, self.num_experts * r)
-
-    def create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
-        (rank_A, in_A), (out_B, rank_B) = self.factor_shapes(r)
-        self.lora_A[name] = uninitialised_linear(in_A, rank_A, dtype, device)
-        self.lora_B[name] = uninitialised_linear(rank_B, out_B, dtype, device)
 
     def init_factors(self, name: str, init: bool | str) -> None:
         """PEFT's init of its nn.Linear factors; "gaussian" uses std 1/r (r per expert), as PEFT does."""
