@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -35,6 +36,8 @@ from transformers import (  # noqa: E402
 import peftlite  # noqa: E402
 from peftlite import dequantize_and_merge, prepare_model_for_kbit_training  # noqa: E402
 from peftlite.app.cli import main  # noqa: E402
+from peftlite.fast import linear as fast_linear  # noqa: E402
+from peftlite.fast import masks as fast_masks  # noqa: E402
 from peftlite.integrations import LoraTrainer  # noqa: E402
 
 QUANTS = {
@@ -156,6 +159,41 @@ def test_rslora_dropout_and_rank_pattern_as_peft(saved):
                                       peftlite.LoraConfig(**CONFIG, target_modules=["q_proj"], lora_dropout=0.5))
     dropped.train()
     assert not torch.equal(logits(dropped, ids()), logits(dropped, ids()))  # dropout runs on the LoRA input
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("quant", ["nf4", "fp4-double"])
+def test_4bit_training_runs_one_fused_node_held_to_the_reference(saved, fold, dropout, quant, monkeypatch):
+    """Over a 4-bit base the fused node dequantizes W itself; output and gradients equal bitsandbytes' own
+    layer plus the textbook term, with the same dropout mask. 8-bit and inference keep the reference."""
+    monkeypatch.setattr(fast_linear, "folding_pays", lambda *sizes: fold)
+    settings = QUANTS["nf4"] if quant == "nf4" else dict(load_in_4bit=True, bnb_4bit_quant_type="fp4",
+                                                         bnb_4bit_use_double_quant=True)
+    model = peftlite.get_peft_model(load(saved["llama"], settings),
+                                    peftlite.LoraConfig(**CONFIG, target_modules=TARGETS["llama"], lora_dropout=dropout))
+    model.train().use_fast_path(True)  # this test is about the fused node, whatever PEFTLITE_FAST_PATH says
+    before = packed_bytes(model)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    (A, B), s = layer.factors("default"), layer.scaling["default"]
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    torch.manual_seed(3)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "LoraLinearFunctionBackward"
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), [x, A, B])
+    torch.manual_seed(3)
+    dropped = x * fast_masks.draw_dropout_mask(x, dropout) / (1 - dropout) if dropout else x
+    reference = layer.base_layer(x) + F.linear(F.linear(dropped, A), B) * s
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+    for got, expected in zip(grads, torch.autograd.grad((reference * weight).sum(), [x, A, B])):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert_same_bytes(before, packed_bytes(model))
+    with torch.no_grad():  # inference: bitsandbytes' own kernel plus the term
+        assert layer(x).grad_fn is None
+    int8 = peftlite.get_peft_model(load(saved["llama"], "int8"), peftlite.LoraConfig(**CONFIG, target_modules=["q_proj"]))
+    q_proj = int8.base_model.model.model.layers[0].self_attn.q_proj
+    assert "LoraLinearFunction" not in type(q_proj(torch.randn(2, 64, requires_grad=True)).grad_fn).__name__
 
 
 def test_modules_to_save_and_all_linear_over_4bit(saved):

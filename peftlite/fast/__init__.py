@@ -21,7 +21,8 @@ from transformers.pytorch_utils import Conv1D
 from .conv import lora_conv2d
 from .linear import lora_linear
 
-__all__ = ["linear_applies", "conv2d_applies", "embedding_applies", "lora_linear", "lora_conv2d", "lora_embedding"]
+__all__ = ["linear_applies", "packed_linear_applies", "conv2d_applies", "embedding_applies", "lora_linear",
+           "lora_conv2d", "lora_embedding"]
 
 
 def _runs_own_forward(base: nn.Module, *forwards: object) -> bool:
@@ -34,6 +35,19 @@ def _same_dtype_no_autocast(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     """No casts needed (else the reference path casts, as PEFT does)."""
     return (x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype
             and not torch.is_autocast_enabled(x.device.type))
+
+
+def packed_linear_applies(base: Any, own_forward: object, x: Tensor, lora_A: Tensor, lora_B: Tensor,
+                          dense_dtype: torch.dtype) -> bool:
+    """Whether `lora_linear(..., dense=...)` computes what a quantized layer's `own_forward` plus the term would.
+
+    Training only: in inference a quantized layer runs a kernel of its own on its packed weight.
+    The layer computes in x's dtype (no compute_dtype cast), and so do its bias and `dense`.
+    """
+    bias = base.bias
+    return (torch.is_grad_enabled() and _runs_own_forward(base, own_forward)
+            and getattr(base, "compute_dtype", None) in (None, x.dtype) and (bias is None or bias.dtype == x.dtype)
+            and x.dtype == dense_dtype == lora_A.dtype == lora_B.dtype and not torch.is_autocast_enabled(x.device.type))
 
 
 def linear_applies(base: Any, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:

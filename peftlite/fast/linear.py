@@ -7,6 +7,7 @@ reference. Dropout masks come from `masks.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,15 +82,20 @@ def _dropout_product(x2: Tensor, lora_A: Tensor, p: float) -> tuple[Tensor, Tens
     return u.mul_(1 / (1 - p)), kept
 
 
-def folding_pays(rows: int, in_features: int, out_features: int) -> bool:
+def folding_pays(rows: int, in_features: int, out_features: int, fresh_weight: bool = False) -> bool:
     """Whether a training step is cheaper with ΔW folded into W than with the low-rank products.
 
     Folded, forming W + ΔW in forward and again in backward costs two passes over an out × in
     weight; unfolded, the rank-r term is written into the output and into ∂L/∂x before the base
     GEMMs add into them, which costs those GEMMs a read of rows × (in + out) more. Folding wins
     only on tall batches; the threshold (8× the harmonic mean of in and out) comes from
-    benchmarks/train_step.py.
+    benchmarks/train_step.py. A weight made afresh for each product (`fresh_weight`: a quantized
+    base, dequantized in forward and again in backward) takes ΔW in place with no extra pass, so
+    folding then costs only the rank-r product B·A against the two it saves: rows · r · (in + out)
+    against in · out · r.
     """
+    if fresh_weight:
+        return rows * (in_features + out_features) > in_features * out_features
     return rows * (in_features + out_features) > 16 * in_features * out_features
 
 
@@ -116,12 +122,12 @@ def _low_rank_output(u: Tensor, lora_B: Tensor, bias: Tensor | None, scaling: fl
 
 
 def _folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool,
-                   slices: tuple[tuple[int, int], ...]) -> Tensor:
-    """W + s · B_k A_k in each group's rows: (out, in), a new tensor; `weight` is untouched."""
+                   slices: tuple[tuple[int, int], ...], in_place: bool = False) -> Tensor:
+    """W + s · B_k A_k in each group's rows: (out, in); a new tensor unless `in_place` (W made afresh)."""
     w = weight.t() if fan_in_fan_out else weight  # (out, in)
     if slices == ((0, w.shape[0]),):
-        return torch.addmm(w, lora_B, lora_A, alpha=scaling)
-    folded, r = w.clone(), lora_A.shape[0] // len(slices)
+        return w.addmm_(lora_B, lora_A, alpha=scaling) if in_place else torch.addmm(w, lora_B, lora_A, alpha=scaling)
+    folded, r = (w if in_place else w.clone()), lora_A.shape[0] // len(slices)
     for k, (start, size) in enumerate(slices):
         folded[start:start + size].addmm_(lora_B[k * size:(k + 1) * size], lora_A[k * r:(k + 1) * r], alpha=scaling)
     return folded
@@ -153,16 +159,20 @@ class LoraLinearFunction(torch.autograd.Function):
     (`pack_rows`), and u (N × g·r). The plain formulation also keeps D(x) — a full fp32 copy of x
     per layer — and creates two out-sized temporaries (B(·)·s and the sum) in forward and one
     in-sized sum in backward. Here no pass over an out- or in-sized tensor does only a rank-r add.
+    A quantized base passes its packed weight with `dense`, which makes W from it: W is made in
+    forward and again in backward, as the quantized layer's own matmul does, and never saved.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, fan_in_fan_out: bool, slices: tuple[tuple[int, int], ...],
-                dropout: float, fold: bool) -> Tensor:
+                dropout: float, fold: bool, dense: Callable[[Tensor], Tensor] | None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         r = lora_A.shape[0] // len(slices)
+        packed, weight = weight, (dense(weight) if dense is not None else weight)
         if fold:
-            w = _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices).t()  # (in, out)
+            w = _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices,
+                               in_place=dense is not None).t()  # (in, out)
             out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
             mask = None
             u = x2 @ lora_A.t() if ctx.needs_input_grad[4] else None  # only for ∂L/∂B; x is in cache now
@@ -171,17 +181,19 @@ class LoraLinearFunction(torch.autograd.Function):
             out = _low_rank_output(u, lora_B, bias, scaling, slices, weight.shape[1 if fan_in_fan_out else 0])
             out.addmm_(x2, weight if fan_in_fan_out else weight.t())  # the base GEMM adds x Wᵀ into it
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(x if (need_A or need_W) else None, weight if need_x else None,
+        ctx.save_for_backward(x if (need_A or need_W) else None, packed if need_x else None,
                               lora_A if need_x else None, lora_B if (need_x or need_A) else None,
                               u if need_B else None, mask)
         ctx.scaling, ctx.fan_in_fan_out, ctx.slices, ctx.dropout = scaling, fan_in_fan_out, slices, dropout
-        ctx.fold, ctx.x_shape, ctx.r = fold, x.shape, r
+        ctx.fold, ctx.x_shape, ctx.r, ctx.dense = fold, x.shape, r, dense
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
         x, weight, lora_A, lora_B, u, mask = ctx.saved_tensors
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        if need_x and ctx.dense is not None:
+            weight = ctx.dense(weight)
         s, p, r, slices = ctx.scaling, ctx.dropout, ctx.r, ctx.slices
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         x2: Any = x.reshape(-1, x.shape[-1]) if x is not None else None
@@ -203,7 +215,8 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_A = (x2.t() @ g_u).t()
         if need_x:
             if ctx.fold:
-                grad_x = g @ _folded_weight(weight, lora_A, lora_B, s, ctx.fan_in_fan_out, slices)  # (N, in)
+                grad_x = g @ _folded_weight(weight, lora_A, lora_B, s, ctx.fan_in_fan_out, slices,
+                                            in_place=ctx.dense is not None)  # (N, in)
             else:
                 grad_x.addmm_(g, weight.t() if ctx.fan_in_fan_out else weight)
             grad_x = grad_x.view(ctx.x_shape)
@@ -211,13 +224,13 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_W = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
         if need_b:
             grad_b = g.sum(0)
-        return grad_x, grad_W, grad_b, grad_A, grad_B, None, None, None, None, None
+        return grad_x, grad_W, grad_b, grad_A, grad_B, None, None, None, None, None, None
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, fan_in_fan_out: bool = False,
                 slices: tuple[tuple[int, int], ...] | None = None, dropout: float = 0.0,
-                fold: bool | None = None) -> Tensor:
+                fold: bool | None = None, dense: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """base(x) + B(A(dropout(x)))·s for a linear base, through `LoraLinearFunction`.
 
     x (..., in) -> (..., out). `slices` gives (first column, width) of each adapter group's output;
@@ -225,13 +238,21 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     `fold`: compute through W + ΔW (see the Function); None decides by `folding_pays`. Never with
     dropout, which the low-rank term sees and the base does not, nor in 16-bit floats, where
     W + ΔW would round away the parts of a young update smaller than half a unit of W.
+    `dense`: for a packed (quantized) `weight`, the function making its float (out, in) matrix,
+    in x's dtype; `weight` is then only handed to it.
     """
-    out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+    if dense is not None:  # a packed weight has no float shape: one group over every column, read off A and B
+        out_features, in_features = lora_B.shape[0], lora_A.shape[1]
+    else:
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
     if slices is None:
         slices = ((0, out_features),)
     if fold is None:
-        fold = folding_pays(x.numel() // max(in_features, 1), in_features, out_features)
-    fold = fold and dropout == 0 and weight.dtype in (torch.float32, torch.float64)
+        fold = folding_pays(x.numel() // max(in_features, 1), in_features, out_features, dense is not None)
+    fold = fold and dropout == 0 and (x.dtype if dense is not None else weight.dtype) in (torch.float32, torch.float64)
     if fold and not torch.is_grad_enabled():  # inference: one GEMM through W + ΔW, nothing to save
-        return F.linear(x, _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices), bias)
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, slices, dropout, fold)
+        dense_weight = dense(weight) if dense is not None else weight
+        folded = _folded_weight(dense_weight, lora_A, lora_B, scaling, fan_in_fan_out, slices, dense is not None)
+        return F.linear(x, folded, bias)
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, slices, dropout, fold,
+                                    dense)

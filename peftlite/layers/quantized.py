@@ -19,6 +19,7 @@ module is read from `sys.modules`.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import warnings
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .. import fast
 from .base import AdapterState
 from .linear import Linear
 
@@ -124,7 +126,23 @@ class QuantizedLinear(Linear):
         return dequantize(snapshot(self.base_layer))
 
     def fast_forward(self, x: Tensor, name: str) -> Tensor | None:
-        return None  # the base GEMM is bitsandbytes' own
+        """4-bit training through the fused node (peftlite.fast.linear), W dequantized in forward and again
+        in backward, as bitsandbytes' own 4-bit matmul does. 8-bit layers and inference run the reference:
+        bitsandbytes' int8 matmul and its CPU inference kernel are not a plain x·Wᵀ."""
+        base, record = self.base_layer, self.adapters[name]
+        lora_A, lora_B = self.factors(name)
+        if record.variant.name != "lora" or record.lora_bias or not is_4bit(base.weight):
+            return None
+        quant_state = base.weight.quant_state
+        if (quant_state is None or getattr(quant_state, "packing_format_for_cpu", False)
+                or tuple(quant_state.shape) != (self.out_features, self.in_features)
+                or not fast.packed_linear_applies(base, bitsandbytes().nn.Linear4bit.forward, x, lora_A, lora_B,
+                                                  quant_state.dtype)):
+            return None
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        dense = functools.partial(bitsandbytes().functional.dequantize_4bit, quant_state=quant_state)
+        return fast.lora_linear(x, base.weight, base.bias, lora_A, lora_B, record.scaling, dropout=p, dense=dense)
 
     def merged_dense(self, names: list[str]) -> Tensor:
         """dequantize(W as loaded) with `names` folded in, in W's float dtype."""
