@@ -17,7 +17,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftlite
-from peftlite.variants.dora import DoraMagnitude, DoraScale, row_norm
+from peftlite import fast
+from peftlite.fast.dora import DoraLinearFunction
+from peftlite.variants.dora import DoraMagnitude, row_norm
 from tests.tiny_models import tiny_gpt2
 
 
@@ -126,7 +128,7 @@ def test_gradients_equal_peft(case: str, dropout: float, fast: bool, tmp_path) -
     ours.use_fast_path(fast)
     if fast and case.startswith("seq"):
         out = ours.base_model.model.lin(torch.randn(2, 12))
-        assert type(out.grad_fn).__name__.startswith("DoraScale")  # the fused path did run
+        assert type(out.grad_fn).__name__.startswith("DoraLinearFunction")  # the fused path did run
     x = ids_for(case)
     for model in (reference, ours):
         model.train()
@@ -187,18 +189,27 @@ def test_rank_r_norm_equals_the_formed_matrix_norm() -> None:
     torch.testing.assert_close(row_norm(weight, lora_A, lora_B, 0.7), expected)
 
 
-@pytest.mark.parametrize("zero_gain", [False, True])
-def test_fused_scale_gradients(zero_gain: bool) -> None:
-    """DoraScale's hand-written backward against autograd (float64), also where some g_j = 0."""
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_dora_node_gradients(fold: bool, fan_in_fan_out: bool, with_bias: bool) -> None:
+    """DoraLinearFunction's hand-written backward against autograd (float64), both routes, and its
+    output against g ⊙ (x Wᵀ + s·B(A(x))) + b written out; the no-grad route too."""
     torch.manual_seed(0)
-    z = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    gain = torch.rand(5, dtype=torch.float64) + 0.5
-    if zero_gain:
-        gain[1] = 0
-    gain.requires_grad_(True)
-    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(DoraScale.apply, (z, gain, bias))
-    assert torch.autograd.gradcheck(DoraScale.apply, (z, gain, None))
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=torch.float64) if fan_in_fan_out else torch.randn(4, 5, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True) if with_bias else None
+    lora_A = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    lora_B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    gain = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(True)
+    args = (x, weight, bias, lora_A, lora_B, gain, 0.7, fan_in_fan_out, fold)
+    assert torch.autograd.gradcheck(DoraLinearFunction.apply, args)
+    oriented = weight.T if fan_in_fan_out else weight
+    expected = gain * (x @ oriented.T + 0.7 * (x @ lora_A.T) @ lora_B.T) + (bias if with_bias else 0)
+    torch.testing.assert_close(DoraLinearFunction.apply(*args), expected)
+    with torch.no_grad():
+        inference = fast.dora_linear(x, weight, bias, lora_A, lora_B, gain, 0.7, fan_in_fan_out, fold)
+    torch.testing.assert_close(inference, expected.detach())
 
 
 def test_norm_cache_follows_weight_changes() -> None:

@@ -135,42 +135,6 @@ def _weight_gain(gain: Tensor, kind: str, weight: Tensor, fan_in_fan_out: bool) 
     return gain.view(1, -1) if kind == "embedding" or fan_in_fan_out else gain.view(-1, 1)
 
 
-class DoraScale(torch.autograd.Function):
-    """h = g ⊙ z + b over the last dim, saving the output h instead of z.
-
-    Backward, with G = ∂L/∂h:  ∂L/∂z = G ⊙ g,  ∂L/∂g_j = Σ_t G_tj z_tj,  ∂L/∂b_j = Σ_t G_tj,
-    where z = (h − b) / g is recomputed from h. The next op usually saves h anyway (attention its
-    q, k, v; SiLU and the gate product their inputs), so keeping h costs no memory where keeping z
-    would cost one out-sized tensor per layer. If some g_j is 0 that division is undefined, and z
-    itself is kept instead.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, z: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
-        out = torch.mul(z, gain) if bias is None else torch.addcmul(bias, z, gain)
-        ctx.keeps_z = bool((gain == 0).any())
-        ctx.save_for_backward(z if ctx.keeps_z else out, gain, bias)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        saved, gain, bias = ctx.saved_tensors
-        need_z, need_gain, need_bias = ctx.needs_input_grad
-        grad_z = grad_out * gain if need_z else None
-        grad_gain = grad_bias = None
-        rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        if need_gain:
-            if ctx.keeps_z:
-                z = saved
-            else:
-                z = saved - bias if bias is not None else saved.clone()
-                z.div_(gain)
-            grad_gain = (rows * z.reshape(rows.shape)).sum(0)
-        if need_bias:
-            grad_bias = rows.sum(0)
-        return grad_z, grad_gain, grad_bias
-
-
 class Dora:
     """DoRA on Linear, Conv1D (fan_in_fan_out), Conv1d/2d/3d and Embedding layers."""
 
@@ -207,20 +171,19 @@ class Dora:
             del magnitudes[adapter]
 
     def fast_forward(self, layer: "LoraLayer", adapter: str, x: Tensor) -> Tensor | None:
-        """h = g ⊙ z + b with z = W·x + s·B·A·x from the fused LoRA node, for a linear base without
-        active dropout (what PEFT's formula reduces to then); None where that does not apply."""
+        """One fused node (peftlite.fast.dora) for a frozen linear base without active dropout (what PEFT's
+        formula reduces to then); None where that does not apply."""
         dropout = layer.lora_dropout[adapter]
         base_layer = layer.base_layer
         lora_A, lora_B = layer.factors(adapter)
         if (_kind(layer) != "linear" or isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
-                or not fast.linear_applies(base_layer, x, lora_A, lora_B)):
+                or base_layer.weight.requires_grad or not fast.linear_applies(base_layer, x, lora_A, lora_B)):
             return None
         gain = self.gain(layer, adapter).to(x.dtype)
-        z = fast.lora_linear(x, base_layer.weight, None, lora_A, lora_B, layer.adapters[adapter].scaling,
-                             getattr(layer, "fan_in_fan_out", False), getattr(layer, "slices", None), 0.0)
-        if not torch.is_grad_enabled():
-            return z.mul_(gain) if base_layer.bias is None else z.mul_(gain).add_(base_layer.bias)
-        return DoraScale.apply(z, gain, base_layer.bias)
+        if (gain == 0).any():  # the fused node recovers g ⊙ z from its output by dividing by g
+            return None
+        return fast.dora_linear(x, base_layer.weight, base_layer.bias, lora_A, lora_B, gain,
+                                layer.adapters[adapter].scaling, getattr(layer, "fan_in_fan_out", False))
 
     def gain(self, layer: "LoraLayer", adapter: str) -> Tensor:
         """g = m / ‖W + s·ΔW‖ per row (rows,), the norm detached and cached."""
