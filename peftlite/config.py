@@ -16,14 +16,16 @@ import json
 import math
 import os
 import re
-import re._constants as _sre  # the regex parser's node types, to refuse nested repeats
-import re._parser as _sre_parse
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from .config_checks import PLAIN_KEY as _PLAIN_KEY
+from .config_checks import check_pattern_key as _check_pattern_key
+from .config_checks import check_token_indices
+from .config_checks import pattern_regex as _pattern_regex
 from .storage.atomic import atomic_write_all, prepare_directory, text_writer
 from .storage.hub import resolve
 
@@ -42,7 +44,7 @@ RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict()) if not name.sta
 # PEFT fields that change the math unless left at one of these values (the first is the default).
 UNSUPPORTED: dict[str, tuple] = {
     "use_qalora": (False,), "use_bdlora": (None, False), "layer_replication": (None,),
-    "trainable_token_indices": (None,), "alora_invocation_tokens": (None,), "arrow_config": (None,),
+    "alora_invocation_tokens": (None,), "arrow_config": (None,),
     "kasa_config": (None,), "monteclora_config": (None,), "megatron_config": (None,), "eva_config": (None,),
     "corda_config": (None,), "lora_ga_config": (None,), "velora_config": (None,),
 }
@@ -104,44 +106,6 @@ def _check_targets(field_name: str, value: object) -> None:
     raise ValueError(f"{field_name}={value!r} is invalid: expected a list of module names, a regex string or None")
 
 
-_PLAIN_KEY = re.compile(r"[\w.-]+")
-
-
-def _nested_repeat(items: Any, inside_repeat: bool = False) -> bool:
-    """Whether a parsed regex repeats something that itself repeats: the shape that backtracks exponentially."""
-    for op, arg in items:
-        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
-            if inside_repeat or _nested_repeat(arg[2], inside_repeat=arg[1] > 1):
-                return True
-        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
-            if _nested_repeat(arg[-1], inside_repeat):
-                return True
-        elif op == _sre.BRANCH and any(_nested_repeat(branch, inside_repeat) for branch in arg[1]):
-            return True
-    return False
-
-
-def _check_pattern_key(field_name: str, key: object) -> None:
-    """A rank/alpha pattern key: a module name or dotted suffix, or a regex PEFT-style.
-
-    PEFT matches keys as `(.*\\.)?(key)$` regexes. Plain names match by suffix
-    without a regex engine; a regex with a repeat inside a repeat ("(.+)+Z") is
-    refused, since matching it against a long module path can take minutes.
-    """
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"{field_name} key {key!r} is invalid: expected a module name or dotted path suffix")
-    if _PLAIN_KEY.fullmatch(key):
-        return
-    try:
-        re.compile(_pattern_regex(key))  # the form it is matched in: an inline flag must come first there too
-        parsed = _sre_parse.parse(key)
-    except re.error as err:
-        raise ValueError(f"{field_name} key {key!r} is not a valid regex: {err}") from None
-    if _nested_repeat(parsed.data):
-        raise ValueError(f"{field_name} key {key!r} repeats a repeated group, which can take exponential time "
-                         "to match: expected a module name or a regex without nested repeats")
-
-
 @dataclass
 class LoraConfig:
     """The hyperparameters of one LoRA adapter: PEFT's fields and defaults, checked on creation."""
@@ -171,7 +135,8 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
-    trainable_token_indices: Any = None
+    # token ids of the input embedding whose rows train in full, or {module name: ids}
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     loftq_config: dict = field(default_factory=dict)
     eva_config: Any = None
     corda_config: Any = None
@@ -237,6 +202,7 @@ class LoraConfig:
             _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
         self._validate_lists()
+        check_token_indices(self.trainable_token_indices)
         for name, check, expected in (("rank_pattern", _is_rank, f"an integer from 1 to {MAX_RANK}"),
                                       ("alpha_pattern", _is_alpha, f"a number > 0 and <= {MAX_ALPHA:.4g}")):
             pattern = getattr(self, name)
@@ -402,11 +368,6 @@ def read_json(path: str) -> Any:
             return json.load(f, object_pairs_hook=_no_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
         raise ValueError(f"{path}: not valid JSON ({err}); expected a PEFT adapter_config.json") from None
-
-
-def _pattern_regex(key: str) -> str:
-    """PEFT's reading of a pattern key: the key matches the whole path or a dotted suffix of it."""
-    return rf"(?:.*\.)?(?:{key})$"
 
 
 def _pattern_value(patterns: dict, module_path: str, default: Any) -> Any:

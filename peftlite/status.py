@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .layers import Conv, LoraLayer, ModulesToSave, QuantizedLinear
+from .layers.trainable_tokens import TrainableTokensLayer
 from .tuner import LoraTuner
 
 Irregular = Literal["irregular"]
@@ -67,19 +68,21 @@ def _module_type(module: nn.Module) -> str:
     Where PEFT has one LoRA class per base type and peftlite one for several
     (Conv, QuantizedLinear), the base type names it, as in PEFT.
     """
-    if isinstance(module, ModulesToSave):
-        return "ModulesToSaveWrapper"
+    if isinstance(module, (ModulesToSave, TrainableTokensLayer)):
+        return "ModulesToSaveWrapper" if isinstance(module, ModulesToSave) else "TrainableTokensLayer"
     per_base = isinstance(module, (Conv, QuantizedLinear))
     return "lora." + type(module.base_layer if per_base else module).__name__
 
 
-def _adapter_parameters(module: LoraLayer | ModulesToSave) -> dict[str, list[nn.Parameter]]:
+def _adapter_parameters(module: LoraLayer | ModulesToSave | TrainableTokensLayer) -> dict[str, list[nn.Parameter]]:
+    if isinstance(module, TrainableTokensLayer):
+        return {name: [module.trainable_tokens_delta[name]] for name in module.adapters}
     if isinstance(module, ModulesToSave):
         return {name: list(copy.parameters()) for name, copy in module.modules_to_save.items()}
     return {name: module.adapter_parameters(name) for name in module.adapters}
 
 
-def _layer_status(name: str, module: LoraLayer | ModulesToSave) -> TunerLayerStatus:
+def _layer_status(name: str, module: LoraLayer | ModulesToSave | TrainableTokensLayer) -> TunerLayerStatus:
     params = _adapter_parameters(module)
     if isinstance(module, ModulesToSave):
         active, merged = module.active_adapters[:1], []  # a saved module runs one copy at a time
@@ -112,7 +115,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     Raises ValueError when `model` has none (as PEFT).
     """
     status = [_layer_status(name, module) for name, module in _root(model).named_modules()
-              if isinstance(module, (LoraLayer, ModulesToSave))]
+              if isinstance(module, (LoraLayer, ModulesToSave, TrainableTokensLayer))]
     if not status:
         raise ValueError(f"model of type {type(model).__name__} has no LoRA layers: expected a LoraModel or a "
                          "model with adapters injected (inject_adapter_in_model)")

@@ -19,7 +19,7 @@ from peftlite.config import BOOKKEEPING
 # A value of each PEFT field peftlite refuses (a variant or option it does not implement).
 UNSUPPORTED_VALUES = {
     "use_qalora": True, "use_bdlora": {"a": 1}, "layer_replication": [(0, 1)],
-    "trainable_token_indices": [1, 2], "alora_invocation_tokens": [1],
+    "alora_invocation_tokens": [1],
     "arrow_config": {}, "kasa_config": {}, "monteclora_config": {}, "megatron_config": {}, "eva_config": {},
     "corda_config": {}, "lora_ga_config": {}, "velora_config": {},
 }
@@ -75,6 +75,13 @@ BAD_VALUES = [
     ("task_type", "CAUSAL", "CAUSAL_LM"),
     ("peft_type", "LOHA", "LoRA only"),
     ("ensure_weight_tying", "yes", "True or False"),
+    ("trainable_token_indices", [1, -2], "ints >= 0"),
+    ("trainable_token_indices", [1.0, 2], "ints >= 0"),
+    ("trainable_token_indices", [True], "ints >= 0"),
+    ("trainable_token_indices", "1,2", "list of token ids"),
+    ("trainable_token_indices", {"embed_tokens": [1, "2"]}, "ints >= 0"),
+    ("trainable_token_indices", {"": [1]}, "module name"),
+    ("trainable_token_indices", {3: [1]}, "module name"),
     *[(name, value, "not supported") for name, value in UNSUPPORTED_VALUES.items()],
     ("base_model_name_or_path", 1.0, "string or None"),
     ("revision", ["main"], "string or None"),
@@ -186,3 +193,12 @@ def test_per_module_rank_alpha_and_scaling(use_rslora):
     norm = math.sqrt if use_rslora else (lambda r: r)
     assert config.scaling_for("model.layers.0.self_attn.q_proj") == pytest.approx(2 / norm(4))
     assert config.scaling_for("model.layers.0.self_attn.v_proj") == pytest.approx(16 / norm(8))
+
+
+@pytest.mark.parametrize("indices", [[0, 5, 5], [], {"embed_tokens": [1], "lm_head": [2, 3]}])
+def test_trainable_token_indices_round_trip_as_peft_writes_them(indices):
+    """Accepted as PEFT accepts them (duplicates and an empty list too), and read back from PEFT's JSON."""
+    theirs = peft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices).to_dict()
+    ours = LoraConfig.from_dict(json.loads(json.dumps(theirs, default=str)))
+    assert ours.trainable_token_indices == indices
+    assert json.loads(ours.to_json_file_text())["trainable_token_indices"] == indices

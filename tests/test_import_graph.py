@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "peftlite"
 # Bottom to top; a module may import only modules of its own layer or of layers listed before it.
 LAYERS = [
     ["storage"],
-    ["config"],
+    ["config", "config_checks"],
     ["functional", "inits"],
     ["fast"],
     ["variants"],

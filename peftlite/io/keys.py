@@ -12,6 +12,7 @@ the base model's own biases. In a PEFT file the same tensors are named
 | ModulesToSave copy, its state key `k`       | `k` (e.g. `classifier.weight`)       |
 | base bias (bias="all"/"lora_only")          | `bias`, or `base_layer.bias` on a LoRA layer |
 | base embedding weight (PEFT's save_embedding_layers) | `weight` / `base_layer.weight` |
+| trainable-token rows `token_adapter.trainable_tokens_delta[name]` | `token_adapter.trainable_tokens_delta` |
 
 Keys are only ever *built* from a module path and a suffix in this table;
 a file is read by looking its keys up in an index built the same way, so no
@@ -32,9 +33,11 @@ from torch import Tensor, nn
 
 from ..config import LoraConfig
 from ..layers import LoraLayer, MergedLinear, ModulesToSave, is_supported
+from ..layers.trainable_tokens import TrainableTokensWrapper
 from ..layers.walk import walk
 from ..tuner.parameters import find_target_parameters, parameter_layout
 from ..tuner.targets import find_modules_to_save
+from ..tuner.tokens import own_token_targets
 
 PREFIX = "base_model.model."
 PAIR_SUFFIXES = ("lora_A.weight", "lora_B.weight")
@@ -44,6 +47,8 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 # A variant's extra tensors: file suffix -> part name in a Slot. DoRA's magnitude is
 # `lora_magnitude_vector[name].weight` in memory; lora_bias's is `lora_B[name].bias`.
 EXTRA_SUFFIXES = {"lora_magnitude_vector": "M", "lora_B.bias": "bias"}
+# A trainable-tokens layer's rows (len(ids), dim); a layer tied to the embedding writes none, as in PEFT.
+TOKENS_SUFFIX = "token_adapter.trainable_tokens_delta"
 
 
 def extra_tensors(layer: LoraLayer, name: str) -> dict[str, Tensor]:
@@ -171,6 +176,10 @@ def adapter_tensors(root: nn.Module, config: LoraConfig, adapter_name: str) -> d
             if adapter_name in module.modules_to_save:
                 for name, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                     out[key(PREFIX, path, name)] = tensor
+        elif isinstance(module, TrainableTokensWrapper):
+            layer = module.token_adapter
+            if layer.tied_adapter is None and adapter_name in layer.trainable_tokens_delta:
+                out[key(PREFIX, path, TOKENS_SUFFIX)] = layer.trainable_tokens_delta[adapter_name]
     if config.bias == "all":
         out.update({name: tensor for name, tensor in _base_tensors(root, PREFIX)
                     if "bias" in name and name not in out})
@@ -253,6 +262,39 @@ def build_index(root: nn.Module, config: LoraConfig, prefix: str = PREFIX) -> di
         for part, suffix in zip("AB", PAIR_SUFFIXES):
             index[key(prefix, wrapper_path, suffix)] = Slot("lora", target, part)
     return index
+
+
+def take_token_rows(root: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str
+                    ) -> dict[str, Tensor]:
+    """Remove the trainable-token rows from a file's tensors: {module path: rows (len(ids), dim)}.
+
+    Every module the config's trainable_token_indices names must have its rows, in
+    that shape; ValueError otherwise, before anything changes.
+    """
+    prefix = file_prefix(list(tensors))
+    rows = {}
+    for target in own_token_targets(root, config):
+        name = key(prefix, target.path, TOKENS_SUFFIX)
+        module: Any = root.get_submodule(target.path)
+        module = module.original_module if isinstance(module, TrainableTokensWrapper) else module
+        if name not in tensors:
+            raise ValueError(f"{source}: no {name!r}: expected the rows of trainable_token_indices for "
+                             f"{target.path!r}, as the adapter config says")
+        expected = (len(target.indices), module.weight.shape[1])
+        if tuple(tensors[name].shape) != expected:
+            raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected {expected} "
+                             f"({len(target.indices)} token ids × the weight's {expected[1]} columns)")
+        rows[target.path] = tensors.pop(name)
+    return rows
+
+
+def set_token_rows(root: nn.Module, adapter_name: str, rows: dict[str, Tensor]) -> None:
+    """Copy loaded rows into adapter `adapter_name`'s trainable-token parameters."""
+    with torch.no_grad():
+        for path, value in rows.items():
+            module = root.get_submodule(path)
+            assert isinstance(module, TrainableTokensWrapper)
+            module.token_adapter.trainable_tokens_delta[adapter_name].copy_(value)
 
 
 def file_prefix(keys: list[str]) -> str:

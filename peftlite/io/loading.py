@@ -30,8 +30,19 @@ from ..layers.walk import walk
 from ..tuner import LoraTuner
 from ..tuner.inject import Plan, plan_layers
 from ..tuner.targets import find_modules_to_save
+from ..tuner.tokens import own_token_targets, plan_tokens, token_wrappers
 from .files import check_config_matches, read_adapter
-from .keys import Slot, build_index, checked_extras, file_prefix, file_shapes, fused_from_file, set_extras
+from .keys import (
+    Slot,
+    build_index,
+    checked_extras,
+    file_prefix,
+    file_shapes,
+    fused_from_file,
+    set_extras,
+    set_token_rows,
+    take_token_rows,
+)
 
 HUB_KWARGS = ("revision", "subfolder", "token", "cache_dir", "local_files_only")
 # PEFT load options about placement that change nothing on one device: accepted for drop-in use.
@@ -163,6 +174,16 @@ def copy_base(changed: list[tuple[Tensor, Tensor]], source: str) -> None:
             target.copy_(value)
 
 
+def check_token_rows(tuner: LoraTuner, adapter_name: str, config: LoraConfig, source: str) -> None:
+    """Rows from a file go into an existing adapter only where it has rows for the same token ids."""
+    own = {path: wrapper.token_adapter.token_indices[adapter_name] for path, wrapper in token_wrappers(tuner.model)
+           if wrapper.token_adapter.tied_adapter is None and adapter_name in wrapper.token_adapter.token_indices}
+    wanted = {target.path: target.indices for target in own_token_targets(tuner.model, config)}
+    if own != wanted:
+        raise ValueError(f"{source}: trainable_token_indices {wanted} do not match adapter {adapter_name!r}'s "
+                         f"{own}: expected the same token ids on the same modules")
+
+
 def check_tensors(tensors: dict[str, Any], source: str) -> None:
     """Every value a plain floating-point tensor with data: what A, B and saved modules can take.
 
@@ -225,6 +246,7 @@ def load_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, is_
     config_given = config
     config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
     root = tuner.model
+    token_rows = take_token_rows(root, config, tensors, source)
     pairs, saved, base = place(root, config, tensors, source)
     layers = plan_layers(root, tuner.adapter_state, config, list(pairs))
     keyed = [(layer.config_key(path), layer) for path, _, layer in layers]  # a parameter's key names it
@@ -233,13 +255,14 @@ def load_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, is_
     expected_saved = find_modules_to_save(root, config)
     for path in expected_saved:
         check_saved(path, root.get_submodule(path), saved.get(path, {}), source)
+    tokens = plan_tokens(root, config, list(pairs), expected_saved)
     changed = check_base(base, source)
     if config_given is None:
         check_config_matches(file_config, source)  # last: the more specific errors above come first
 
     with tuner.adapter_state.lock:
         tuner.check_new_adapter(adapter_name)
-        plan = Plan(adapter_name, config, layers, expected_saved)
+        plan = Plan(adapter_name, config, layers, expected_saved, tokens)
         # PiSSA/OLoRA adapters apply to the residual base: their init runs again to subtract it, as in PEFT.
         init = config.init_lora_weights if mutates_base(config.init_lora_weights) else None
         tuner.install(plan, init=init, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -253,6 +276,7 @@ def load_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, is_
             assert isinstance(saved_module, ModulesToSave)
             saved_module.modules_to_save[adapter_name].load_state_dict(saved.get(path, {}), strict=False,
                                                                        assign=low_cpu_mem_usage)
+        set_token_rows(root, adapter_name, token_rows)
         remember_base(tuner, adapter_name, changed)
         copy_base(changed, source)
     return LoadResult(missing_keys=[], unexpected_keys=[])
@@ -271,6 +295,8 @@ def hotswap_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, 
     old = tuner.peft_config[adapter_name]
     config, tensors, source = read_checked(tuner, model_id_or_path, **kwargs)
     config = dataclasses.replace(config, inference_mode=old.inference_mode)
+    token_rows = take_token_rows(tuner.model, config, tensors, source)
+    check_token_rows(tuner, adapter_name, config, source)
     pairs, saved, base = place(tuner.model, config, tensors, source)
     layers: dict[str, LoraLayer] = {}
     copies: dict[str, ModulesToSave] = {}
@@ -313,6 +339,7 @@ def hotswap_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, 
                 dropout.p = config.lora_dropout
         for path, module in copies.items():
             module.modules_to_save[adapter_name].load_state_dict(saved[path], strict=False)
+        set_token_rows(tuner.model, adapter_name, token_rows)
         remember_base(tuner, adapter_name, changed)
         copy_base(changed, source)
         tuner.peft_config[adapter_name] = config

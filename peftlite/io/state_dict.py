@@ -18,12 +18,13 @@ from ..config import LoraConfig
 from ..layers import LoraLayer, ModulesToSave
 from ..tuner import LoraTuner
 from ..tuner.inject import plan_layers
-from .keys import PREFIX, adapter_tensors, checked_extras, set_extras
+from .keys import PREFIX, adapter_tensors, checked_extras, set_extras, set_token_rows, take_token_rows
 from .loading import (
     LoadResult,
     check_base,
     check_saved,
     check_tensors,
+    check_token_rows,
     checked_pair,
     copy_base,
     place,
@@ -104,7 +105,10 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     config: LoraConfig = tuner.peft_config[adapter_name]
     source = "state dict"
     check_tensors(peft_model_state_dict, source)
-    pairs, saved, base = place(tuner.model, config, dict(peft_model_state_dict), source)
+    tensors = dict(peft_model_state_dict)
+    token_rows = take_token_rows(tuner.model, config, tensors, source)
+    check_token_rows(tuner, adapter_name, config, source)
+    pairs, saved, base = place(tuner.model, config, tensors, source)
     layers = {path: layer for path, _, layer in plan_layers(tuner.model, tuner.adapter_state, config, list(pairs))
               if isinstance(layer, LoraLayer) and adapter_name in layer.adapters}
     unexpected = sorted(set(pairs) - set(layers))
@@ -129,6 +133,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
             if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
                 module.modules_to_save[adapter_name].load_state_dict(state, strict=False)
         copy_base(changed, source)
+        set_token_rows(tuner.model, adapter_name, token_rows)
     if skipped:
         warnings.warn(f"set_peft_model_state_dict: ignore_mismatched_sizes=True skipped {len(skipped)} modules whose "
                       f"shapes differ from adapter {adapter_name!r}, e.g. {skipped[:3]}; they keep their weights",
@@ -147,12 +152,13 @@ def _adapter_layers(tuner: LoraTuner, adapter_name: str) -> list[tuple[str, Lora
 
 def _is_adapter_key(key: str) -> bool:
     parts = key.split(".")
-    return any(p.startswith("lora_") for p in parts) or "modules_to_save" in parts
+    return any(p.startswith("lora_") for p in parts) or "modules_to_save" in parts or "trainable_tokens_delta" in parts
 
 
 def _original_key(key: str) -> str:
-    """`a.q_proj.base_layer.weight` -> `a.q_proj.weight`; `head.original_module.weight` -> `head.weight`."""
-    return ".".join(p for p in key.split(".") if p not in ("base_layer", "original_module"))
+    """`a.q_proj.base_layer.weight` -> `a.q_proj.weight`; `head.original_module.weight` -> `head.weight`;
+    `embed.token_adapter.base_layer.weight` -> `embed.weight`."""
+    return ".".join(p for p in key.split(".") if p not in ("base_layer", "original_module", "token_adapter"))
 
 
 def get_base_model_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ steps with the modules a file names, so a failed load changes no module.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,21 +23,25 @@ from ..layers import (
     ModulesToSave,
     make_lora_layer,
 )
+from ..layers.trainable_tokens import TrainableTokensWrapper
 from ..variants import variant_for
 from .parameters import find_target_parameters, plan_parameter_layers
 from .targets import find_modules_to_save, find_targets
+from .tokens import TokenTarget, install_tokens, plan_tokens, undo_tokens
 
 MHA_OUT_PROJ = ".base_layer.out_proj"  # where PEFT keeps nn.MultiheadAttention's out_proj LoRA layer
 
 
 @dataclass
 class Plan:
-    """What adding one adapter changes: (path, module there now, LoRA layer to hold it) and saved modules."""
+    """What adding one adapter changes: (path, module there now, LoRA layer to hold it), saved modules
+    and trainable-token rows."""
 
     adapter_name: str
     config: LoraConfig
     layers: list[tuple[str, nn.Module, LoraLayer]]
     saved: list[str]
+    tokens: list[TokenTarget] = field(default_factory=list)
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -95,8 +99,9 @@ def plan_adapter(model: nn.Module, state: AdapterState, adapter_name: str, confi
     if not targets and not config.target_parameters:
         raise ValueError(f"target_modules={config.target_modules!r} selects only modules in modules_to_save "
                          f"{saved!r}: expected at least one other module")
+    tokens = plan_tokens(model, config, targets, saved)
     targets += [f"{path}.{name}" for path, name in find_target_parameters(model, config)]
-    return Plan(adapter_name, config, plan_layers(model, state, config, targets), saved)
+    return Plan(adapter_name, config, plan_layers(model, state, config, targets), saved, tokens)
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
@@ -119,9 +124,13 @@ def install(model: nn.Module, state: AdapterState, plan: Plan, init: bool | str 
         [p for n, p in model.named_parameters() if n.endswith("bias")] if config.bias != "none" else [])
     trainable = [(param, param.requires_grad) for param in touched]
     wrapped = {path for path in plan.saved if isinstance(model.get_submodule(path), ModulesToSave)}
+    wrapped_tokens = {t.path for t in plan.tokens if isinstance(model.get_submodule(t.path), TrainableTokensWrapper)}
     try:
         _apply(model, state, plan, init, autocast_adapter_dtype, low_cpu_mem_usage, first)
+        install_tokens(model, state, plan.tokens, plan.adapter_name,  # rows: float32 over a 16-bit base, as PEFT
+                       lambda base: adapter_dtype(base, autocast_adapter_dtype), not plan.config.inference_mode)
     except BaseException:
+        undo_tokens(model, plan.tokens, plan.adapter_name, wrapped_tokens)
         _undo(model, plan, wrapped, trainable)
         raise
 

@@ -27,6 +27,7 @@ from ..layers.mixed import ROUTING
 from ..layers.walk import lora_layers, saved_modules
 from .combine import add_weighted_adapter
 from .inject import install, plan_adapter, replace_module
+from .tokens import check_token_adapters, merge_tokens, token_layers, unwrap_tokens
 
 
 def fast_path_default() -> bool:
@@ -206,6 +207,7 @@ class LoraTuner(nn.Module):
             raise ValueError(f"adapter_name={adapter_name!r} is invalid: expected an adapter name or a list of them")
         for name in names:
             self.check_adapter(name)
+        check_token_adapters(self.model, list(names))
         with self.adapter_state.lock:
             if self.adapter_state.merged_count and tuple(names) != self.adapter_state.active:
                 warnings.warn(f"unmerging merged adapters before switching to {adapter_name!r}", stacklevel=2)
@@ -222,7 +224,7 @@ class LoraTuner(nn.Module):
                                  "before deleting it")
             for _, layer in self.lora_layers():
                 layer.delete_adapter(adapter_name)
-            for _, module in self.saved_modules():
+            for module in [m for _, m in self.saved_modules()] + token_layers(self.model):
                 module.delete_adapter(adapter_name)
             self._restore_base([adapter_name])
             del self.peft_config[adapter_name]
@@ -279,7 +281,7 @@ class LoraTuner(nn.Module):
         """Adapter names merged into some layer, in merge order."""
         names: list[str] = []
         if self.adapter_state.merged_count:
-            for _, layer in self.lora_layers():
+            for layer in [lora for _, lora in self.lora_layers()] + token_layers(self.model):
                 names += [n for n in layer.merged_adapters if n not in names]
         return names
 
@@ -299,6 +301,7 @@ class LoraTuner(nn.Module):
             if safe_merge:
                 self._check_finite_merge(layers, names)
             self._warn_tied(names)
+            merge_tokens(self.model, names, safe_merge)
             for layer in layers:
                 layer.merge(adapter_names=[n for n in names if n in layer.adapters])
 
@@ -327,7 +330,7 @@ class LoraTuner(nn.Module):
         """Take every merged update out again, last merged first."""
         with self.adapter_state.lock:
             if self.adapter_state.merged_count:
-                for _, layer in self.lora_layers():
+                for layer in [lora for _, lora in self.lora_layers()] + token_layers(self.model):
                     layer.unmerge()
 
     def merge_plan(self, adapter_names: list[str] | str | None, safe_merge: bool) -> tuple[list[str], list[LoraLayer]]:
@@ -348,6 +351,7 @@ class LoraTuner(nn.Module):
         with self.adapter_state.lock:
             todo, layers = self.merge_plan(adapter_names, safe_merge)
             self._warn_tied(todo)
+            merge_tokens(self.model, todo, safe_merge)
             for layer in tqdm(layers, disable=not progressbar, desc="Unloading and merging model"):
                 layer.merge(adapter_names=[n for n in todo if n in layer.adapters])
             return self._unwrap(keep_saved_copy=True)
@@ -376,6 +380,7 @@ class LoraTuner(nn.Module):
             replace_module(self.model, path, base)
         for path, module in self.saved_modules():
             replace_module(self.model, path, module.active_module() if keep_saved_copy else module.original_module)
+        unwrap_tokens(self.model)
         self.adapter_state.merged_count = 0
         self.unloaded = True
         return self.model
