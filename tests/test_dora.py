@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 import peftlite
 from peftlite import fast
+from peftlite.fast import linear as fast_linear
 from peftlite.fast.dora import DoraLinearFunction
 from peftlite.variants.dora import DoraMagnitude, row_norm
 from tests.tiny_models import tiny_gpt2
@@ -192,9 +193,11 @@ def test_rank_r_norm_equals_the_formed_matrix_norm() -> None:
 @pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fused_dora_node_gradients(fold: bool, fan_in_fan_out: bool, with_bias: bool) -> None:
+def test_fused_dora_node_gradients(fold: bool, fan_in_fan_out: bool, with_bias: bool, monkeypatch) -> None:
     """DoraLinearFunction's hand-written backward against autograd (float64), both routes, and its
-    output against g ⊙ (x Wᵀ + s·B(A(x))) + b written out; the no-grad route too."""
+    output against g ⊙ (x Wᵀ + s·B(A(x))) + b written out; the no-grad route too. The rows are cut
+    into blocks of two, as a long batch is."""
+    monkeypatch.setattr(fast_linear, "MASKED_BLOCK_BYTES", 2 * 5 * 8)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 4, dtype=torch.float64) if fan_in_fan_out else torch.randn(4, 5, dtype=torch.float64)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .linear import folding_pays
+from .linear import folding_pays, row_blocks
 
 
 def _scaled_folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, gain: Tensor,
@@ -28,11 +28,19 @@ def _scaled_folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scalin
 
 
 def _gain_grad(grad_out: Tensor, out: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
-    """∂L/∂g_j = Σ_t G_tj z_tj with z = (h − b) / g, from the saved output h: (Σ_t G_tj h_tj − b_j Σ_t G_tj) / g_j."""
-    dot = torch.linalg.vecdot(grad_out, out, dim=0)  # (out,)
+    """∂L/∂g_j = Σ_t G_tj z_tj with z = (h − b) / g, from the saved output h: (Σ_t G_tj h_tj − b_j Σ_t G_tj) / g_j.
+
+    G ⊙ h is formed a block of rows at a time in one reused buffer that stays in cache; whole, it
+    would be a fresh out-sized tensor each step, its pages faulted in on first touch.
+    """
+    dot = grad_out.new_zeros(gain.shape)  # (out,)
+    blocks = row_blocks(grad_out)
+    buffer = grad_out.new_empty(blocks[0].stop, grad_out.shape[1])
+    for rows in blocks:
+        dot += torch.mul(grad_out[rows], out[rows], out=buffer[:rows.stop - rows.start]).sum(0)
     if bias is not None:
-        dot = dot - bias * grad_out.sum(0)
-    return dot / gain
+        dot -= bias * grad_out.sum(0)
+    return dot.div_(gain)
 
 
 class DoraLinearFunction(torch.autograd.Function):

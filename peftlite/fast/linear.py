@@ -26,7 +26,7 @@ from .masks import (
 MASKED_BLOCK_BYTES = 1 << 20
 
 
-def _row_blocks(x2: Tensor) -> list[slice]:
+def row_blocks(x2: Tensor) -> list[slice]:
     """x2 (N, in) cut into blocks of rows of about MASKED_BLOCK_BYTES (one block off the CPU)."""
     n, width = x2.shape
     step = n
@@ -45,7 +45,7 @@ def _apply_mask_in_blocks(mask: Tensor, g_u: Tensor, x2: Tensor | None, grad_x: 
     """
     rows_like = x2 if x2 is not None else grad_x
     assert rows_like is not None, "called with neither x2 nor grad_x"
-    blocks, width = _row_blocks(rows_like), rows_like.shape[1]
+    blocks, width = row_blocks(rows_like), rows_like.shape[1]
     grad_A = rows_like.new_zeros(width, g_u.shape[1])  # (in, g·r), transposed as in the Function's backward
     buffer = rows_like.new_empty(blocks[0].stop, width)  # the first block is the largest
     for rows in blocks:
@@ -65,7 +65,7 @@ def _dropout_product(x2: Tensor, lora_A: Tensor, p: float) -> tuple[Tensor, Tens
     bools, nor do the draws behind it. Elsewhere the device generator draws the whole bool mask,
     and that is kept.
     """
-    blocks = _row_blocks(x2)
+    blocks = row_blocks(x2)
     buffer = x2.new_empty(blocks[0].stop, x2.shape[1])
     if numpy_serves(x2):
         keeps = keep_mask_blocks(x2, p, blocks)
