@@ -22,6 +22,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
+from accelerate import Accelerator  # noqa: E402
 from tiny_models import tiny_word_tokenizer  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -431,3 +432,25 @@ def test_lora_trainer_trains_over_a_4bit_base(saved, tmp_path):
     LoraTrainer(model=model, args=args, train_dataset=data).train()
     assert lora_B.abs().sum() > 0  # B starts at zero: the adapter trained
     assert_same_bytes(before, packed_bytes(model))
+
+
+def test_accelerate_trains_over_a_4bit_base(saved):
+    """A plain accelerate loop (Accelerator.prepare, accelerator.backward) trains the adapter, not the packed base."""
+    base = prepare_model_for_kbit_training(load(saved["llama"], "nf4"), use_gradient_checkpointing=False)
+    model = peftlite.get_peft_model(base, peftlite.LoraConfig(r=4, target_modules=TARGETS["llama"],
+                                                              task_type="CAUSAL_LM"))
+    before = packed_bytes(model)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    batch = ids(batch=8)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=batch, labels=batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert_same_bytes(before, packed_bytes(accelerator.unwrap_model(model)))
