@@ -121,6 +121,34 @@ def test_moe_training_grads_match_peft(arch):
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def saved_activation_bytes(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes of the storages autograd saves for backward while `module` runs, its parameters' own excluded."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    sizes = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in params:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return sum(sizes.values())
+
+
+def test_moe_routed_lora_saves_less_than_the_frozen_experts():
+    """LoRA training on the experts keeps fewer activations than the frozen experts module alone: it saves
+    hidden (T, d), not the routed rows (S, d), and runs the gate again in backward rather than keep it."""
+    _, ours = pair(tiny_mixtral, moe_fields())
+    ours.base_model.adapter_state.fast = True
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(128, 32, generator=generator, requires_grad=True)
+    routing = (torch.randint(0, 4, (128, 2), generator=generator), torch.rand(128, 2, requires_grad=True))
+    frozen = saved_activation_bytes(tiny_mixtral().model.layers[0].mlp.experts, hidden, *routing)
+    lora = saved_activation_bytes(ours.base_model.model.model.layers[0].mlp.experts, hidden, *routing)
+    assert 0 < lora <= frozen
+
+
 @pytest.mark.parametrize("arch", list(MOE_MODELS))
 def test_moe_merge_unmerge_and_unload(arch):
     reference, ours = pair(MOE_MODELS[arch], moe_fields())
@@ -446,6 +474,26 @@ def test_multihead_attention_matches_peft(tmp_path):
         torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-4)
         plain = pair(AttentionModel, MHA_FIELDS)[1].unload()
         torch.testing.assert_close(plain(x), AttentionModel()(x), atol=0, rtol=0)
+
+
+def test_multihead_attention_patterns_reach_out_proj_as_in_peft(tmp_path):
+    """A pattern naming the attention module sets out_proj's rank and alpha too; one naming out_proj sets none."""
+    fields = {**MHA_FIELDS, "rank_pattern": {"out_proj": 5, "mha": 4}, "alpha_pattern": {"mha.out_proj": 7, "mha": 8}}
+    reference, ours = pair(AttentionModel, fields)
+    shapes = [{n: tuple(p.shape) for n, p in model.state_dict().items() if "lora_" in n} for model in (reference, ours)]
+    assert shapes[1] == shapes[0]
+    assert shapes[1]["base_model.model.mha.base_layer.out_proj.lora_A.default.weight"] == (4, 16)
+    assert ours.base_model.model.mha.base_layer.out_proj.adapters["default"].scaling == 8 / 4
+    x = attention_input()
+    reference.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    with torch.no_grad():
+        expected = reference(x)
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(LoraModel.from_pretrained(AttentionModel(), tmp_path / "peft")(x), expected,
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(PeftModel.from_pretrained(AttentionModel(), tmp_path / "ours")(x), expected,
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_multihead_attention_refuses_mixed_batches():

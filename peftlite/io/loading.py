@@ -250,7 +250,8 @@ def load_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, is_
     pairs, saved, base = place(root, config, tensors, source)
     layers = plan_layers(root, tuner.adapter_state, config, list(pairs))
     keyed = [(layer.config_key(path), layer) for path, _, layer in layers]  # a parameter's key names it
-    weights = {path: checked_pair(path, layer, pairs[path], config.rank_for(path), source) for path, layer in keyed}
+    weights = {path: checked_pair(path, layer, pairs[path], config.rank_for(layer.pattern_key(path)), source)
+               for path, layer in keyed}
     extras = {path: checked_extras(path, layer, pairs[path], config, source) for path, layer in keyed}
     expected_saved = find_modules_to_save(root, config)
     for path in expected_saved:
@@ -319,9 +320,10 @@ def hotswap_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, 
         if getattr(layer, "enable_lora", None) != config.enable_lora:
             raise ValueError(f"{source}: enable_lora={config.enable_lora!r} but {path!r} has "
                              f"enable_lora={getattr(layer, 'enable_lora', None)!r}")
-        weights[path] = checked_pair(path, layer, pairs[path], config.rank_for(path), source)
-        if config.rank_for(path) != layer.adapters[adapter_name].r:
-            raise ValueError(f"{source}: {path!r} has rank {config.rank_for(path)} in the file, expected "
+        rank = config.rank_for(layer.pattern_key(path))
+        weights[path] = checked_pair(path, layer, pairs[path], rank, source)
+        if rank != layer.adapters[adapter_name].r:
+            raise ValueError(f"{source}: {path!r} has rank {rank} in the file, expected "
                              f"{layer.adapters[adapter_name].r} (hotswap needs the same ranks)")
     for path, module in copies.items():
         check_saved(path, module, saved[path], source)
@@ -333,7 +335,8 @@ def hotswap_adapter(tuner: LoraTuner, model_id_or_path: str, adapter_name: str, 
             layer.set_factors(adapter_name, *weights[path], in_place=True)
             set_extras(layer, adapter_name, extras[path], in_place=True)
             record = layer.adapters[adapter_name]
-            record.scaling, record.lora_alpha = config.scaling_for(path), config.alpha_for(path)
+            key = layer.pattern_key(path)
+            record.scaling, record.lora_alpha = config.scaling_for(key), config.alpha_for(key)
             dropout = layer.lora_dropout[adapter_name]
             if isinstance(dropout, nn.Dropout):
                 dropout.p = config.lora_dropout

@@ -232,6 +232,11 @@ class LoraLayer(nn.Module):
         """The name rank_pattern/alpha_pattern match for this layer at `path` (a parameter wrapper adds its name)."""
         return path
 
+    def pattern_key(self, key: str) -> str:
+        """The name whose rank and alpha this layer takes, given its config_key: its own, unless it is built
+        with another layer's (nn.MultiheadAttention's out_proj)."""
+        return key
+
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         routing = active_routing(self.state)

@@ -49,6 +49,11 @@ class OutProj(Linear):
     def fast_forward(self, x: Tensor, name: str) -> Tensor | None:
         return None
 
+    def pattern_key(self, key: str) -> str:
+        """The nn.MultiheadAttention's path: PEFT builds out_proj's LoRA with the r and alpha rank_pattern and
+        alpha_pattern give the attention module, and matches no pattern against out_proj itself."""
+        return key.removesuffix(".base_layer.out_proj")
+
 
 class MultiheadAttention(LoraLayer):
     """LoRA on nn.MultiheadAttention's in_proj (here) and out_proj (`out_layer`, at base_layer.out_proj)."""

@@ -147,7 +147,7 @@ def _apply(model: nn.Module, state: AdapterState, plan: Plan, init: bool | str |
             layer.training = module.training  # a new wrapper keeps its base's mode: no dropout in eval
             replace_module(model, path, layer)
         base_weight = layer.base_weight_reference()
-        key = layer.config_key(path)
+        key = layer.pattern_key(layer.config_key(path))
         record = LoraAdapter(config.rank_for(key), config.alpha_for(key), config.scaling_for(key), variant,
                              config.merge_weights, config.lora_bias)
         layer.add_adapter(name, record, config.lora_dropout, init,
