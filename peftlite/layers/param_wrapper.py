@@ -238,12 +238,15 @@ class ExpertsLinear(torch.autograd.Function):
         pairs = list(zip(factors[::2], factors[1::2], scalings))
         us = [x.new_empty(x.shape[0], lora_A.shape[1], dtype=lora_A.dtype) for lora_A, _, _ in pairs]
         for e, rows in _expert_rows(counts):
-            y_e = torch.mm(x[rows], weight[e] if transposed else weight[e].t(), out=y[rows])
-            if bias is not None:
-                y_e.add_(bias[e])
+            x_e, y_e = x[rows], y[rows]
+            written = bias is not None
+            if written:
+                y_e.copy_(bias[e].expand_as(y_e))
             for (lora_A, lora_B, scaling), u in zip(pairs, us):
-                u_e = torch.mm(x[rows].to(lora_A.dtype), lora_A[e].t(), out=u[rows])
-                y_e.addmm_(u_e.to(y.dtype), lora_B[e].t().to(y.dtype), alpha=scaling)
+                u_e = torch.mm(x_e.to(lora_A.dtype), lora_A[e].t(), out=u[rows])
+                _add_product(y_e, u_e.to(y.dtype), lora_B[e].t().to(y.dtype), scaling, written)
+                written = True
+            _add_product(y_e, x_e, weight[e] if transposed else weight[e].t(), 1.0, written)
         ctx.make_x, ctx.counts, ctx.transposed, ctx.scalings = make_x, counts, transposed, scalings
         ctx.save_for_backward(source, weight, bias, *us, *factors)
         return y
@@ -264,8 +267,7 @@ class ExpertsLinear(torch.autograd.Function):
         grad_factors = [torch.zeros_like(t) if need else None for t, need in zip(factors, needs[7:])]
         for e, rows in _expert_rows(ctx.counts):
             g, x_e = grad_y[rows], x[rows]  # (n, out), (n, in)
-            if grad_x is not None:
-                torch.mm(g, weight[e].t() if ctx.transposed else weight[e], out=grad_x[rows])
+            written = False  # whether grad_x[rows] holds a term yet
             if grad_weight is not None:
                 grad_weight[e] = x_e.t() @ g if ctx.transposed else g.t() @ x_e
             if grad_bias is not None:
@@ -279,9 +281,22 @@ class ExpertsLinear(torch.autograd.Function):
                 if grad_B is not None:
                     grad_B[e] = (g.t() @ u[rows].to(g.dtype)).mul_(scaling).to(lora_B.dtype)
                 if grad_x is not None:
-                    grad_x[rows].addmm_(grad_u.to(x.dtype), lora_A[e].to(x.dtype))
+                    _add_product(grad_x[rows], grad_u.to(x.dtype), lora_A[e].to(x.dtype), 1.0, written)
+                    written = True
+            if grad_x is not None:
+                _add_product(grad_x[rows], g, weight[e].t() if ctx.transposed else weight[e], 1.0, written)
         grad_source = torch.autograd.grad(x_graph, leaf, grad_x)[0] if grad_x is not None else None
         return grad_source, None, grad_weight, grad_bias, None, None, None, *grad_factors
+
+
+def _add_product(out: Tensor, left: Tensor, right: Tensor, alpha: float, accumulate: bool) -> None:
+    """out (+)= alpha · left @ right, in place; `right` is the small factor, scaled when there is nothing to
+    add to. The rank-r terms are written first and the base GEMM adds into them (beta = 1), reading out
+    tile by tile as it computes: adding a term after it would be one more pass over out."""
+    if accumulate:
+        out.addmm_(left, right, alpha=alpha)
+    else:
+        torch.mm(left, right if alpha == 1.0 else right * alpha, out=out)
 
 
 def _expert_rows(counts: list[int]) -> list[tuple[int, slice]]:
