@@ -205,14 +205,22 @@ def test_fused_dora_node_gradients(fold: bool, fan_in_fan_out: bool, with_bias: 
     lora_A = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     lora_B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     gain = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(True)
-    args = (x, weight, bias, lora_A, lora_B, gain, 0.7, fan_in_fan_out, fold)
+    args = (x, weight, bias, lora_A, lora_B, gain, 0.7, fan_in_fan_out, fold, None)
     assert torch.autograd.gradcheck(DoraLinearFunction.apply, args)
     oriented = weight.T if fan_in_fan_out else weight
     expected = gain * (x @ oriented.T + 0.7 * (x @ lora_A.T) @ lora_B.T) + (bias if with_bias else 0)
     torch.testing.assert_close(DoraLinearFunction.apply(*args), expected)
     with torch.no_grad():
         inference = fast.dora_linear(x, weight, bias, lora_A, lora_B, gain, 0.7, fan_in_fan_out, fold)
+        folded = fast.folded_weight(weight, lora_A, lora_B, 0.7, fan_in_fan_out)  # formed by the caller for the norm
+        given = fast.dora_linear(x, weight, bias, lora_A, lora_B, gain, 0.7, fan_in_fan_out, fold, folded=folded)
     torch.testing.assert_close(inference, expected.detach())
+    torch.testing.assert_close(given, expected.detach())
+    given = fast.dora_linear(x, weight, bias, lora_A, lora_B, gain, 0.7, fan_in_fan_out, fold,
+                             folded=fast.folded_weight(weight, lora_A, lora_B, 0.7, fan_in_fan_out).detach())
+    torch.testing.assert_close(given, expected)
+    torch.testing.assert_close(torch.autograd.grad(given.sum(), [x, lora_A, lora_B, gain]),
+                               torch.autograd.grad(expected.sum(), [x, lora_A, lora_B, gain]))
 
 
 def test_norm_cache_follows_weight_changes() -> None:

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .conv import lora_conv2d
-from .dora import dora_linear
+from .dora import dora_folds, dora_linear, folded_weight
 from .linear import lora_linear
 
 __all__ = ["linear_applies", "packed_linear_applies", "conv2d_applies", "embedding_applies", "lora_linear",
-           "dora_linear", "lora_conv2d", "lora_embedding"]
+           "dora_linear", "dora_folds", "folded_weight", "lora_conv2d", "lora_embedding"]
 
 
 def _runs_own_forward(base: nn.Module, *forwards: object) -> bool:

@@ -20,11 +20,23 @@ from torch import Tensor
 from .linear import folding_pays, row_blocks
 
 
+def folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
+    """W + s·B·A: (out, in), a new tensor."""
+    return torch.addmm(weight.t() if fan_in_fan_out else weight, lora_B, lora_A, alpha=scaling)
+
+
 def _scaled_folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, gain: Tensor,
                           fan_in_fan_out: bool) -> Tensor:
     """g ⊙ (W + s·B·A), rows scaled: (out, in), a new tensor."""
-    w = weight.t() if fan_in_fan_out else weight
-    return torch.addmm(w, lora_B, lora_A, alpha=scaling).mul_(gain.unsqueeze(1))
+    return folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out).mul_(gain.unsqueeze(1))
+
+
+def dora_folds(x: Tensor, weight: Tensor, fan_in_fan_out: bool) -> bool:
+    """Whether `dora_linear` folds for this input: as for a weight made afresh (`folding_pays(...,
+    fresh_weight=True)`), since scaling W's rows by g needs a new out × in tensor either way; fp32/64 only."""
+    out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+    return (weight.dtype in (torch.float32, torch.float64)
+            and folding_pays(x.numel() // max(in_features, 1), in_features, out_features, fresh_weight=True))
 
 
 def _gain_grad(grad_out: Tensor, out: Tensor, gain: Tensor, bias: Tensor | None) -> Tensor:
@@ -62,11 +74,12 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                gain: Tensor, scaling: float, fan_in_fan_out: bool, fold: bool) -> Tensor:
+                gain: Tensor, scaling: float, fan_in_fan_out: bool, fold: bool, folded: Tensor | None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         u = x2 @ lora_A.t()  # (N, r)
         if fold:
-            w = _scaled_folded_weight(weight, lora_A, lora_B, scaling, gain, fan_in_fan_out)
+            w = folded.mul_(gain.unsqueeze(1)) if folded is not None else \
+                _scaled_folded_weight(weight, lora_A, lora_B, scaling, gain, fan_in_fan_out)
             out = F.linear(x2, w, bias)
         else:
             out = u @ (lora_B.t() * scaling)  # (N, out); the base GEMM adds x Wᵀ into it
@@ -101,25 +114,27 @@ class DoraLinearFunction(torch.autograd.Function):
             grad_gain = _gain_grad(g, out, gain, bias)
         if need_b:
             grad_b = g.sum(0)
-        return grad_x, None, grad_b, grad_A, grad_B, grad_gain, None, None, None
+        return grad_x, None, grad_b, grad_A, grad_B, grad_gain, None, None, None, None
 
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, gain: Tensor,
-                scaling: float, fan_in_fan_out: bool = False, fold: bool | None = None) -> Tensor:
+                scaling: float, fan_in_fan_out: bool = False, fold: bool | None = None,
+                folded: Tensor | None = None) -> Tensor:
     """g ⊙ (base(x) − b + s·B(A(x))) + b for a frozen linear base, through `DoraLinearFunction`.
 
-    x (..., in) -> (..., out); gain (out,) without zeros. `fold` None decides as for a weight made
-    afresh (`folding_pays(..., fresh_weight=True)`): scaling W's rows by g needs a new out × in
-    tensor either way, so W + s·B·A costs only the rank-r product more.
+    x (..., in) -> (..., out); gain (out,) without zeros. `fold` None decides by `dora_folds`.
+    `folded`: W + s·B·A if the caller formed it already (for the norm); it is then scaled in place.
     """
     out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
-    if fold is None:
-        fold = folding_pays(x.numel() // max(in_features, 1), in_features, out_features, fresh_weight=True)
-    fold = fold and weight.dtype in (torch.float32, torch.float64)
+    fold = dora_folds(x, weight, fan_in_fan_out) if fold is None else fold and weight.dtype in (torch.float32,
+                                                                                                  torch.float64)
+    folded = folded if fold else None
     if not torch.is_grad_enabled():  # inference: nothing to save
         if fold:
-            return F.linear(x, _scaled_folded_weight(weight, lora_A, lora_B, scaling, gain, fan_in_fan_out), bias)
+            w = folded.mul_(gain.unsqueeze(1)) if folded is not None else \
+                _scaled_folded_weight(weight, lora_A, lora_B, scaling, gain, fan_in_fan_out)
+            return F.linear(x, w, bias)
         out = F.linear(F.linear(x, lora_A), lora_B * scaling)
         out.view(-1, out_features).addmm_(x.reshape(-1, in_features), weight if fan_in_fan_out else weight.t())
         return out.mul_(gain) if bias is None else out.mul_(gain).add_(bias)
-    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, gain, scaling, fan_in_fan_out, fold)
+    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, gain, scaling, fan_in_fan_out, fold, folded)

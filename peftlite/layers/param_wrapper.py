@@ -239,8 +239,8 @@ class ExpertsLinear(torch.autograd.Function):
         us = [x.new_empty(x.shape[0], lora_A.shape[1], dtype=lora_A.dtype) for lora_A, _, _ in pairs]
         for e, rows in _expert_rows(counts):
             x_e, y_e = x[rows], y[rows]
-            written = bias is not None
-            if written:
+            written = bias is not None  # whether y_e holds a term yet
+            if bias is not None:
                 y_e.copy_(bias[e].expand_as(y_e))
             for (lora_A, lora_B, scaling), u in zip(pairs, us):
                 u_e = torch.mm(x_e.to(lora_A.dtype), lora_A[e].t(), out=u[rows])

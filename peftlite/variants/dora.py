@@ -75,13 +75,22 @@ class DoraMagnitude(nn.Module):
         by them, since a view made afresh for each call would never match.
         """
         tensors = sources if sources is not None else (weight_rows, lora_A, lora_B)
-        if self._norm is not None and self._norm[1].dtype == lora_A.dtype and _same(self._norm[0][:-1], tensors) \
-                and self._norm[0][-1] == scaling:
-            return self._norm[1]
+        norm = self.cached_norm(tensors, scaling, lora_A.dtype)
+        if norm is not None:
+            return norm
         if self._row_sq is None or not _same(self._row_sq[0], tensors[:1]):
             self._row_sq = (_key(tensors[0]), weight_rows.detach().float().square().sum(1))
-        norm = row_norm(weight_rows, lora_A, lora_B, scaling, self._row_sq[1])
-        self._norm = ((*_key(*tensors), scaling), norm)
+        return self.remember_norm(tensors, scaling, row_norm(weight_rows, lora_A, lora_B, scaling, self._row_sq[1]))
+
+    def cached_norm(self, sources: tuple[Tensor, ...], scaling: float, dtype: torch.dtype) -> Tensor | None:
+        """The norm last computed from exactly these (W, A, B) and s, or None."""
+        if self._norm is not None and self._norm[1].dtype == dtype and _same(self._norm[0][:-1], sources) \
+                and self._norm[0][-1] == scaling:
+            return self._norm[1]
+        return None
+
+    def remember_norm(self, sources: tuple[Tensor, ...], scaling: float, norm: Tensor) -> Tensor:
+        self._norm = ((*_key(*sources), scaling), norm)
         return norm
 
 @torch.no_grad()
@@ -179,11 +188,20 @@ class Dora:
         if (_kind(layer) != "linear" or isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
                 or base_layer.weight.requires_grad or not fast.linear_applies(base_layer, x, lora_A, lora_B)):
             return None
+        weight, scaling, fan_in_fan_out = base_layer.weight, layer.adapters[adapter].scaling, \
+            getattr(layer, "fan_in_fan_out", False)
+        magnitude, folded = _magnitude(layer, adapter), None
+        sources = (weight, lora_A, lora_B)
+        if magnitude.cached_norm(sources, scaling, lora_A.dtype) is None and fast.dora_folds(x, weight, fan_in_fan_out):
+            # W + s·B·A is formed anyway: its row norms cost one pass over it, less than the rank-r route
+            with torch.no_grad():
+                folded = fast.folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+                magnitude.remember_norm(sources, scaling, torch.linalg.vector_norm(folded, dim=1))
         gain = self.gain(layer, adapter).to(x.dtype)
         if (gain == 0).any():  # the fused node recovers g ⊙ z from its output by dividing by g
             return None
-        return fast.dora_linear(x, base_layer.weight, base_layer.bias, lora_A, lora_B, gain,
-                                layer.adapters[adapter].scaling, getattr(layer, "fan_in_fan_out", False))
+        return fast.dora_linear(x, weight, base_layer.bias, lora_A, lora_B, gain, scaling, fan_in_fan_out,
+                                folded=folded)
 
     def gain(self, layer: "LoraLayer", adapter: str) -> Tensor:
         """g = m / ‖W + s·ΔW‖ per row (rows,), the norm detached and cached."""
