@@ -188,6 +188,7 @@ torch.save(weights, os.path.join(output_dir, f"rank{trainer.args.process_index}.
 """
 
 
+@pytest.mark.xdist_group("distributed")  # beside tests/test_distributed.py, never at the same time: ports, cores
 def test_ddp_on_two_cpu_processes_trains_the_same_adapter_as_one_process(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
