@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .conv import lora_conv2d
-from .dora import dora_folds, dora_linear, folded_weight
-from .linear import lora_linear
+from .dora import dora_folds, dora_linear
+from .linear import folded_weight, lora_linear
 
 __all__ = ["linear_applies", "packed_linear_applies", "conv2d_applies", "embedding_applies", "lora_linear",
            "dora_linear", "dora_folds", "folded_weight", "lora_conv2d", "lora_embedding"]

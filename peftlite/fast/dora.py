@@ -17,12 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .linear import folding_pays, row_blocks
-
-
-def folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
-    """W + s·B·A: (out, in), a new tensor."""
-    return torch.addmm(weight.t() if fan_in_fan_out else weight, lora_B, lora_A, alpha=scaling)
+from .linear import folded_weight, folding_pays, row_blocks
 
 
 def _scaled_folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, gain: Tensor,

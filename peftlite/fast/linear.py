@@ -121,11 +121,12 @@ def _low_rank_output(u: Tensor, lora_B: Tensor, bias: Tensor | None, scaling: fl
     return out
 
 
-def _folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool,
-                   slices: tuple[tuple[int, int], ...], in_place: bool = False) -> Tensor:
-    """W + s · B_k A_k in each group's rows: (out, in); a new tensor unless `in_place` (W made afresh)."""
+def folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, fan_in_fan_out: bool,
+                  slices: tuple[tuple[int, int], ...] | None = None, in_place: bool = False) -> Tensor:
+    """W + s · B_k A_k in each group's rows (None: one group over all): (out, in); a new tensor unless
+    `in_place` (W made afresh)."""
     w = weight.t() if fan_in_fan_out else weight  # (out, in)
-    if slices == ((0, w.shape[0]),):
+    if slices is None or slices == ((0, w.shape[0]),):
         return w.addmm_(lora_B, lora_A, alpha=scaling) if in_place else torch.addmm(w, lora_B, lora_A, alpha=scaling)
     folded, r = (w if in_place else w.clone()), lora_A.shape[0] // len(slices)
     for k, (start, size) in enumerate(slices):
@@ -171,7 +172,7 @@ class LoraLinearFunction(torch.autograd.Function):
         r = lora_A.shape[0] // len(slices)
         packed, weight = weight, (dense(weight) if dense is not None else weight)
         if fold:
-            w = _folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices,
+            w = folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out, slices,
                                in_place=dense is not None).t()  # (in, out)
             out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, out)
             mask = None
@@ -215,7 +216,7 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_A = (x2.t() @ g_u).t()
         if need_x:
             if ctx.fold:
-                grad_x = g @ _folded_weight(weight, lora_A, lora_B, s, ctx.fan_in_fan_out, slices,
+                grad_x = g @ folded_weight(weight, lora_A, lora_B, s, ctx.fan_in_fan_out, slices,
                                             in_place=ctx.dense is not None)  # (N, in)
             else:
                 grad_x.addmm_(g, weight.t() if ctx.fan_in_fan_out else weight)
@@ -252,7 +253,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     fold = fold and dropout == 0 and (x.dtype if dense is not None else weight.dtype) in (torch.float32, torch.float64)
     if fold and not torch.is_grad_enabled():  # inference: one GEMM through W + ΔW, nothing to save
         dense_weight = dense(weight) if dense is not None else weight
-        folded = _folded_weight(dense_weight, lora_A, lora_B, scaling, fan_in_fan_out, slices, dense is not None)
+        folded = folded_weight(dense_weight, lora_A, lora_B, scaling, fan_in_fan_out, slices, dense is not None)
         return F.linear(x, folded, bias)
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, slices, dropout, fold,
                                     dense)
