@@ -5,8 +5,9 @@ lines of torch. On the layers below, when the model's `fast` switch is on
 (the default; `LoraModel.use_fast_path(False)` or PEFTLITE_FAST_PATH=0 turn it
 off), forward runs one fused autograd node instead: it saves x once, never
 stores the dropped-out input, and lets the base GEMM add into the low-rank
-term (`linear.py`, `conv.py`). Dropout masks then come from `masks.py`, not
-from nn.Dropout: same distribution, other bits.
+term (`linear.py`, `conv.py`; over a 4-bit base, W is dequantized inside the
+node). DoRA on a linear base has a node of its own (`dora.py`). Dropout masks
+then come from `masks.py`, not from nn.Dropout: same distribution, other bits.
 """
 
 from __future__ import annotations
