@@ -191,8 +191,8 @@ class Dora:
         weight, scaling, fan_in_fan_out = base_layer.weight, layer.adapters[adapter].scaling, \
             getattr(layer, "fan_in_fan_out", False)
         magnitude, folded = _magnitude(layer, adapter), None
-        sources = (weight, lora_A, lora_B)
-        if magnitude.cached_norm(sources, scaling, lora_A.dtype) is None and fast.dora_folds(x, weight, fan_in_fan_out):
+        sources, folds = (weight, lora_A, lora_B), fast.dora_folds(x, weight, fan_in_fan_out)
+        if folds and magnitude.cached_norm(sources, scaling, lora_A.dtype) is None:
             # W + s·B·A is formed anyway: its row norms cost one pass over it, less than the rank-r route
             with torch.no_grad():
                 folded = fast.folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out)
@@ -200,8 +200,8 @@ class Dora:
         gain = self.gain(layer, adapter).to(x.dtype)
         if (gain == 0).any():  # the fused node recovers g ⊙ z from its output by dividing by g
             return None
-        return fast.dora_linear(x, weight, base_layer.bias, lora_A, lora_B, gain, scaling, fan_in_fan_out,
-                                folded=folded)
+        return fast.dora_linear(x, weight, base_layer.bias, lora_A, lora_B, gain, scaling, fan_in_fan_out, folds,
+                                folded)
 
     def gain(self, layer: "LoraLayer", adapter: str) -> Tensor:
         """g = m / ‖W + s·ΔW‖ per row (rows,), the norm detached and cached."""
