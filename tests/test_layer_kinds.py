@@ -255,6 +255,21 @@ def run(model, **kwargs) -> torch.Tensor:
         return model(**conv_inputs(), **kwargs)
 
 
+def assert_files_load_both_ways(reference, ours, base_model, outputs, expected, tmp_path, same_keys=True) -> None:
+    """Both libraries save; (same_keys) the two files hold the same keys; each loads in the other library onto a
+    fresh `base_model()` and gives `expected` from `outputs(model)`."""
+    reference.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    if same_keys:
+        assert (load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
+                == load_file(tmp_path / "peft" / "adapter_model.safetensors").keys())
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(LoraModel.from_pretrained(base_model(), tmp_path / "peft")), expected,
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(outputs(PeftModel.from_pretrained(base_model(), tmp_path / "ours")), expected,
+                                   atol=1e-5, rtol=1e-4)
+
+
 def test_conv1d_conv3d_outputs_merge_and_files_match_peft(tmp_path):
     reference, ours = pair(ConvModel, CONV_FIELDS)
     expected = run(reference)
@@ -268,14 +283,7 @@ def test_conv1d_conv3d_outputs_merge_and_files_match_peft(tmp_path):
     torch.testing.assert_close(run(ours), expected, atol=1e-5, rtol=1e-4)
     ours.unmerge_adapter()
     reference.unmerge_adapter()
-    reference.save_pretrained(tmp_path / "peft")
-    ours.save_pretrained(tmp_path / "ours")
-    assert (load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
-            == load_file(tmp_path / "peft" / "adapter_model.safetensors").keys())
-    torch.testing.assert_close(run(LoraModel.from_pretrained(ConvModel(), tmp_path / "peft")), expected,
-                               atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(run(PeftModel.from_pretrained(ConvModel(), tmp_path / "ours")), expected,
-                               atol=1e-5, rtol=1e-4)
+    assert_files_load_both_ways(reference, ours, ConvModel, run, expected, tmp_path)
 
 
 def test_conv1d_conv3d_mixed_batch_matches_peft():
@@ -455,15 +463,8 @@ def test_multihead_attention_matches_peft(tmp_path):
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
     reference.eval()
     ours.eval()
-    reference.save_pretrained(tmp_path / "peft")
-    ours.save_pretrained(tmp_path / "ours")
-    assert (load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
-            == load_file(tmp_path / "peft" / "adapter_model.safetensors").keys())
+    assert_files_load_both_ways(reference, ours, AttentionModel, lambda model: model(x), expected, tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(LoraModel.from_pretrained(AttentionModel(), tmp_path / "peft")(x), expected,
-                                   atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(PeftModel.from_pretrained(AttentionModel(), tmp_path / "ours")(x), expected,
-                                   atol=1e-5, rtol=1e-4)
         ours.merge_adapter()
         torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-4)
         ours.unmerge_adapter()
@@ -485,15 +486,11 @@ def test_multihead_attention_patterns_reach_out_proj_as_in_peft(tmp_path):
     assert shapes[1]["base_model.model.mha.base_layer.out_proj.lora_A.default.weight"] == (4, 16)
     assert ours.base_model.model.mha.base_layer.out_proj.adapters["default"].scaling == 8 / 4
     x = attention_input()
-    reference.save_pretrained(tmp_path / "peft")
-    ours.save_pretrained(tmp_path / "ours")
     with torch.no_grad():
         expected = reference(x)
         torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(LoraModel.from_pretrained(AttentionModel(), tmp_path / "peft")(x), expected,
-                                   atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(PeftModel.from_pretrained(AttentionModel(), tmp_path / "ours")(x), expected,
-                                   atol=1e-5, rtol=1e-4)
+    assert_files_load_both_ways(reference, ours, AttentionModel, lambda model: model(x), expected, tmp_path,
+                                same_keys=False)
 
 
 def test_multihead_attention_refuses_mixed_batches():
