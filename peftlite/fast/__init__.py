@@ -8,6 +8,8 @@ stores the dropped-out input, and lets the base GEMM add into the low-rank
 term (`linear.py`, `conv.py`; over a 4-bit base, W is dequantized inside the
 node). DoRA on a linear base has a node of its own (`dora.py`). Dropout masks
 then come from `masks.py`, not from nn.Dropout: same distribution, other bits.
+LoRA on MoE experts' parameters runs the experts module itself, one node per
+projection over the routed tokens only (`experts.py`).
 """
 
 from __future__ import annotations
@@ -17,14 +19,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import _default_apply_gate
 from transformers.pytorch_utils import Conv1D
 
 from .conv import lora_conv2d
 from .dora import dora_folds, dora_linear
+from .experts import AutogradInput, ExpertsInput, SwiGLU, routed_experts_forward
 from .linear import folded_weight, lora_linear
 
-__all__ = ["linear_applies", "packed_linear_applies", "conv2d_applies", "embedding_applies", "lora_linear",
-           "dora_linear", "dora_folds", "folded_weight", "lora_conv2d", "lora_embedding"]
+__all__ = ["linear_applies", "packed_linear_applies", "conv2d_applies", "embedding_applies", "experts_applies",
+           "lora_linear", "dora_linear", "dora_folds", "folded_weight", "lora_conv2d", "lora_embedding",
+           "experts_gate", "routed_experts_forward"]
+
+# The parameters a transformers experts module's own forward reads, by role.
+EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
 
 
 def _runs_own_forward(base: nn.Module, *forwards: object) -> bool:
@@ -74,3 +83,24 @@ def lora_embedding(result: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor, 
     """base(ids) + s · A[:, ids]ᵀ Bᵀ as one addmm: no out-sized temporaries for B(·), ·s and +."""
     after_A = F.embedding(ids.reshape(-1), lora_A.T, padding_idx=padding_idx)  # (N, r)
     return torch.addmm(result.view(-1, result.shape[-1]), after_A, lora_B.T, alpha=scaling).view_as(result)
+
+
+def experts_applies(module: nn.Module, parameters: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether `routed_experts_forward` can run `module`: a transformers experts module called as
+    (hidden, top_k_index, top_k_weights), with LoRA only on `parameters` its own forward reads."""
+    return (all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts", "_apply_gate"))
+            and not getattr(module, "_is_expert_parallel", False) and len(args) == 2 and not kwargs
+            and all(name in EXPERT_PARAMETERS for name in parameters))
+
+
+def experts_gate(experts: Any) -> ExpertsInput:
+    """What makes the down projection's input from the up projection's output: `SwiGLU` where the module
+    runs transformers' default gate with SiLU, else autograd through its own gate (or activation)."""
+    if not experts.has_gate:
+        return AutogradInput(experts.act_fn)
+    act_fn = getattr(experts, "act_fn", None)
+    if (type(experts)._apply_gate is _default_apply_gate and "_apply_gate" not in experts.__dict__
+            and act_fn is not None and type(act_fn) in (SiLUActivation, nn.SiLU)
+            and _runs_own_forward(act_fn, SiLUActivation.forward, nn.SiLU.forward)):
+        return SwiGLU()
+    return AutogradInput(experts._apply_gate)
