@@ -28,6 +28,8 @@ from transformers import (
 )
 
 from peftlite import LoraConfig, LoraModel, get_peft_model
+from peftlite.fast import experts_gate
+from peftlite.fast.experts import AutogradInput, SwiGLU
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -119,6 +121,28 @@ def test_moe_training_grads_match_peft(arch):
     assert grads[0].keys() == grads[1].keys() and any("experts" in n for n in grads[0])
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(("arch", "gate"), [("mixtral", SwiGLU), ("qwen3_moe", SwiGLU), ("gpt_oss", AutogradInput)])
+def test_moe_gate_backward_is_written_out_only_for_the_default_silu_gate(arch, gate):
+    experts = MOE_MODELS[arch]().model.layers[0].mlp.experts
+    assert type(experts_gate(experts)) is gate
+    experts.act_fn = torch.nn.GELU()  # any other activation: autograd through the module's own gate
+    assert type(experts_gate(experts)) is AutogradInput
+
+
+def test_swiglu_matches_autograd_through_the_default_gate():
+    experts = tiny_mixtral().model.layers[0].mlp.experts
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(9, 48, dtype=torch.float64, generator=generator)
+    grad_x = torch.randn(9, 24, dtype=torch.float64, generator=generator)
+    leaf = h.clone().requires_grad_(True)
+    expected = experts._apply_gate(leaf)
+    expected.backward(grad_x)
+    torch.testing.assert_close(SwiGLU()(h), expected.detach(), atol=0, rtol=0)
+    x, backward = SwiGLU().recompute(h)
+    torch.testing.assert_close(x, expected.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(backward(grad_x.clone()), leaf.grad, atol=1e-12, rtol=1e-12)
 
 
 def saved_activation_bytes(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
