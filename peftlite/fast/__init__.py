@@ -19,14 +19,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.activations import SiLUActivation
-from transformers.integrations.moe import _default_apply_gate
 from transformers.pytorch_utils import Conv1D
 
 from .conv import lora_conv2d
 from .dora import dora_folds, dora_linear
 from .experts import AutogradInput, ExpertsInput, SwiGLU, routed_experts_forward
 from .linear import folded_weight, lora_linear
+
+try:  # transformers 5: experts modules with 3-D parameters and a default gate
+    from transformers.activations import SiLUActivation
+    from transformers.integrations.moe import _default_apply_gate
+except ImportError:  # earlier: no such modules, so `experts_applies` is never true
+    SiLUActivation, _default_apply_gate = nn.SiLU, None  # type: ignore[misc, assignment]
 
 __all__ = ["linear_applies", "packed_linear_applies", "conv2d_applies", "embedding_applies", "experts_applies",
            "lora_linear", "dora_linear", "dora_folds", "folded_weight", "lora_conv2d", "lora_embedding",
