@@ -145,6 +145,25 @@ def test_swiglu_matches_autograd_through_the_default_gate():
     torch.testing.assert_close(backward(grad_x.clone()), leaf.grad, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_moe_two_active_adapters_routed_grads_equal_the_reference(arch):
+    """Both adapters' pairs go through one routed node per projection (SwiGLU and autograd gates)."""
+    grads = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = get_peft_model(MOE_MODELS[arch](), LoraConfig(**moe_fields()))
+        model.add_adapter("two", LoraConfig(**moe_fields(r=3)))
+        model.base_model.set_adapter(["default", "two"])
+        model.base_model.adapter_state.fast = fast
+        model.train()
+        tokens = ids(seed=3)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("experts" in n and ".two." in n for n in grads[0])
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def saved_activation_bytes(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
     """Bytes of the storages autograd saves for backward while `module` runs, its parameters' own excluded."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
