@@ -1,4 +1,5 @@
-"""The one walk over a model's modules that every model-wide operation uses."""
+"""The one walk over a model's modules that every model-wide operation uses, and the one way to put a module
+at a path."""
 
 from __future__ import annotations
 
@@ -41,3 +42,9 @@ def lora_layers(root: nn.Module) -> list[tuple[str, LoraLayer]]:
 
 def saved_modules(root: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(path, m) for path, m in walk(root) if isinstance(m, ModulesToSave)]
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at `path` under `root` (its parent's attribute)."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, new)

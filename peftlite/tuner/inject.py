@@ -24,6 +24,7 @@ from ..layers import (
     make_lora_layer,
 )
 from ..layers.trainable_tokens import TrainableTokensWrapper
+from ..layers.walk import replace_module
 from ..variants import variant_for
 from .parameters import find_target_parameters, plan_parameter_layers
 from .targets import find_modules_to_save, find_targets
@@ -42,11 +43,6 @@ class Plan:
     layers: list[tuple[str, nn.Module, LoraLayer]]
     saved: list[str]
     tokens: list[TokenTarget] = field(default_factory=list)
-
-
-def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, child, new)
 
 
 def plan_layers(model: nn.Module, state: AdapterState, config: LoraConfig, paths: list[str]

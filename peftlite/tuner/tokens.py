@@ -23,6 +23,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..layers import AdapterState, LoraLayer, ModulesToSave
 from ..layers.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
+from ..layers.walk import replace_module
 from .targets import _is_selectable, matches
 
 
@@ -165,8 +166,7 @@ def install_tokens(model: nn.Module, state: AdapterState, targets: list[TokenTar
             tied = embedding.token_adapter if isinstance(embedding, TrainableTokensWrapper) else None
             module = TrainableTokensWrapper(module, state, tied)
             module.training = module.original_module.training
-            parent, _, child = target.path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+            replace_module(model, target.path, module)
         dtype = dtype_of(_base(module).weight.dtype)
         module.token_adapter.update_layer(name, target.indices, dtype, trainable)
 
@@ -178,8 +178,7 @@ def undo_tokens(model: nn.Module, targets: list[TokenTarget], name: str, wrapped
         if isinstance(module, TrainableTokensWrapper):
             module.token_adapter.delete_adapter(name)
             if target.path not in wrapped_before:
-                parent, _, child = target.path.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module.original_module)
+                replace_module(model, target.path, module.original_module)
 
 
 def token_wrappers(model: nn.Module) -> list[tuple[str, TrainableTokensWrapper]]:
@@ -218,5 +217,4 @@ def merge_tokens(model: nn.Module, names: list[str], safe_merge: bool) -> None:
 def unwrap_tokens(model: nn.Module) -> None:
     """Replace every trainable-tokens wrapper by the module it wraps (rows as they are now)."""
     for path, wrapper in token_wrappers(model):
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, wrapper.original_module)
+        replace_module(model, path, wrapper.original_module)

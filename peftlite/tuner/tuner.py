@@ -24,9 +24,9 @@ from ..config import BASE_NAME, LoraConfig, check_adapter_name
 from ..layers import AdapterState, LoraLayer, ModulesToSave, Routing
 from ..layers.gate import DISABLED
 from ..layers.mixed import ROUTING
-from ..layers.walk import lora_layers, saved_modules
+from ..layers.walk import lora_layers, replace_module, saved_modules
 from .combine import add_weighted_adapter
-from .inject import install, plan_adapter, replace_module
+from .inject import install, plan_adapter
 from .tokens import check_token_adapters, merge_tokens, token_layers, unwrap_tokens
 
 
