@@ -68,8 +68,10 @@ def _module_type(module: nn.Module) -> str:
     Where PEFT has one LoRA class per base type and peftlite one for several
     (Conv, QuantizedLinear), the base type names it, as in PEFT.
     """
-    if isinstance(module, (ModulesToSave, TrainableTokensLayer)):
-        return "ModulesToSaveWrapper" if isinstance(module, ModulesToSave) else "TrainableTokensLayer"
+    if isinstance(module, ModulesToSave):
+        return "ModulesToSaveWrapper"
+    if isinstance(module, TrainableTokensLayer):
+        return "TrainableTokensLayer"
     per_base = isinstance(module, (Conv, QuantizedLinear))
     return "lora." + type(module.base_layer if per_base else module).__name__
 

@@ -21,9 +21,11 @@ from .linear import folded_weight, folding_pays, row_blocks
 
 
 def _scaled_folded_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, gain: Tensor,
-                          fan_in_fan_out: bool) -> Tensor:
-    """g ⊙ (W + s·B·A), rows scaled: (out, in), a new tensor."""
-    return folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out).mul_(gain.unsqueeze(1))
+                          fan_in_fan_out: bool, folded: Tensor | None = None) -> Tensor:
+    """g ⊙ (W + s·B·A), rows scaled: (out, in); `folded`, W + s·B·A formed already, is scaled in place."""
+    if folded is None:
+        folded = folded_weight(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    return folded.mul_(gain.unsqueeze(1))
 
 
 def dora_folds(x: Tensor, weight: Tensor, fan_in_fan_out: bool) -> bool:
@@ -73,9 +75,8 @@ class DoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         u = x2 @ lora_A.t()  # (N, r)
         if fold:
-            w = folded.mul_(gain.unsqueeze(1)) if folded is not None else \
-                _scaled_folded_weight(weight, lora_A, lora_B, scaling, gain, fan_in_fan_out)
-            out = F.linear(x2, w, bias)
+            out = F.linear(x2, _scaled_folded_weight(weight, lora_A, lora_B, scaling, gain, fan_in_fan_out, folded),
+                           bias)
         else:
             out = u @ (lora_B.t() * scaling)  # (N, out); the base GEMM adds x Wᵀ into it
             out.addmm_(x2, weight if fan_in_fan_out else weight.t()).mul_(gain)
@@ -126,9 +127,8 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     folded = folded if fold else None
     if not torch.is_grad_enabled():  # inference: nothing to save
         if fold:
-            w = folded.mul_(gain.unsqueeze(1)) if folded is not None else \
-                _scaled_folded_weight(weight, lora_A, lora_B, scaling, gain, fan_in_fan_out)
-            return F.linear(x, w, bias)
+            return F.linear(x, _scaled_folded_weight(weight, lora_A, lora_B, scaling, gain, fan_in_fan_out, folded),
+                            bias)
         out = F.linear(F.linear(x, lora_A), lora_B * scaling)
         out.view(-1, out_features).addmm_(x.reshape(-1, in_features), weight if fan_in_fan_out else weight.t())
         return out.mul_(gain) if bias is None else out.mul_(gain).add_(bias)
